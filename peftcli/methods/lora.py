@@ -1,0 +1,157 @@
+"""LoRA (Hu et al. 2021) and its cheap variants: rsLoRA scaling and LoRA-FA (frozen A).
+
+`y = base(x) + s * dropout(x) A^T B^T` with A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros,
+s = alpha/r (alpha/sqrt(r) with use_rslora). Merge: W += s B A. Stored with HF PEFT's names
+(`<path>.lora_A.weight`, `<path>.lora_B.weight`), so `peft.PeftModel.from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.methods import register
+from peftcli.methods.base import AdapterModule, Method, MethodOptions, replace_module
+from peftcli.methods.targets import matches, is_linear, layer_index, linear_shape, resolve_targets
+
+TargetSpec = str | list[str] | None
+
+
+class LoraOptions(MethodOptions):
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: s = alpha/r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetSpec = Field(None, description="regex (fullmatch), list (exact/suffix), 'all-linear', or null for the architecture default")
+    exclude_modules: TargetSpec = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    use_rslora: bool = Field(False, description="scale by alpha/sqrt(r) (rsLoRA)")
+    freeze_a: bool = Field(False, description="LoRA-FA: keep A at its random init, train B only")
+
+
+def _adapter_dtype(base: nn.Module) -> torch.dtype:
+    # Half-precision bases keep fp32 adapters: small and numerically safer to train.
+    dtype = base.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class LoraLinear(AdapterModule):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = linear_shape(base)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W transposed
+        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base)}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A in (out, in) layout, fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merged_module(self) -> nn.Module:
+        base = self.base_layer
+        delta = self.delta_weight()
+        if self.fan_in_fan_out:
+            delta = delta.T
+        base.weight.data = (base.weight.float() + delta).to(base.weight.dtype)
+        return base
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    family = "reparameterized"
+    peft_type = "LORA"
+    summary = "low-rank update W + (alpha/r) B A on chosen linear layers; rsLoRA and LoRA-FA as options"
+    Options = LoraOptions
+    wrapper_cls = LoraLinear
+
+    def make_wrapper(self, base: nn.Module) -> AdapterModule:
+        o = self.opts
+        return LoraLinear(base, o.r, o.alpha, o.dropout, o.use_rslora)
+
+    def inject(self, model: nn.Module) -> None:
+        o = self.opts
+        self.wrapped = resolve_targets(model, o.target_modules, o.exclude_modules, o.layers_to_transform, o.layers_pattern)
+        for path in self.wrapped:
+            wrapper = self.make_wrapper(model.get_submodule(path))
+            if getattr(o, "freeze_a", False):
+                wrapper.lora_A.weight.requires_grad_(False)
+            replace_module(model, path, wrapper)
+
+    def _peft_targets(self, model: nn.Module) -> tuple[list[str] | str, bool]:
+        """Target spec for adapter_config.json that selects exactly our modules under PEFT's rules:
+        the short names when they do (readable, PEFT's own style), else an exact regex."""
+        short = sorted({p.rsplit(".", 1)[-1] for p in self.wrapped})
+        o = self.opts
+        cand = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short
+                and (is_linear(m) or isinstance(m, self.wrapper_cls))]
+        if o.layers_to_transform is not None:
+            keep = {o.layers_to_transform} if isinstance(o.layers_to_transform, int) else set(o.layers_to_transform)
+            cand = [n for n in cand if layer_index(n, o.layers_pattern) in keep]
+        if o.exclude_modules:
+            cand = [n for n in cand if not matches(n, o.exclude_modules)]
+        if sorted(cand) == sorted(self.wrapped):
+            return short, True
+        return "^(?:" + "|".join(p.replace(".", r"\.") for p in self.wrapped) + ")$", False
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
+        o = self.opts
+        targets, keep_filters = self._peft_targets(model)
+        return {
+            "peft_type": "LORA",
+            "base_model_name_or_path": base_name,
+            "r": o.r,
+            "lora_alpha": o.alpha,
+            "lora_dropout": o.dropout,
+            "target_modules": targets,
+            "exclude_modules": o.exclude_modules if keep_filters else None,
+            "layers_to_transform": o.layers_to_transform if keep_filters else None,
+            "layers_pattern": o.layers_pattern if keep_filters else None,
+            "bias": "none",
+            "fan_in_fan_out": any(w.fan_in_fan_out for w in self.wrappers(model).values()),
+            "modules_to_save": self.saved_modules or None,
+            "init_lora_weights": True,
+            "use_rslora": o.use_rslora,
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "lora_bias": False,
+        }
+
+    @classmethod
+    def from_adapter_config(cls, cfg: dict) -> LoraOptions:
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise UserError("rank_pattern/alpha_pattern adapters are not supported yet")
+        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+            raise UserError("LoRA adapters with trained biases (bias/lora_bias) are not supported yet")
+        return cls.Options(
+            r=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]), dropout=cfg.get("lora_dropout", 0.0),
+            target_modules=cfg.get("target_modules"), exclude_modules=cfg.get("exclude_modules"),
+            layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+            use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=cfg.get("modules_to_save"),
+        )
+
+    def describe(self, model: nn.Module) -> dict:
+        d = super().describe(model)
+        d["rank"] = self.opts.r
+        d["scaling"] = next(iter(self.wrappers(model).values())).scaling if self.wrapped else None
+        return d
+
