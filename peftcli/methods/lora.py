@@ -1,8 +1,15 @@
-"""LoRA (Hu et al. 2021) and its cheap variants: rsLoRA scaling and LoRA-FA (frozen A).
+"""LoRA (Hu et al. 2021) and its cheap variants: rsLoRA scaling, LoRA-FA (frozen A), PiSSA init.
 
 `y = base(x) + s * dropout(x) A^T B^T` with A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros,
 s = alpha/r (alpha/sqrt(r) with use_rslora). Merge: W += s B A. Stored with HF PEFT's names
 (`<path>.lora_A.weight`, `<path>.lora_B.weight`), so `peft.PeftModel.from_pretrained` loads it.
+
+PiSSA (init: pissa; Meng et al. 2024): `W = U S V^T` in fp32, `B = U_r (S_r/s)^1/2`, `A = (S_r/s)^1/2 V_r^T`
+(S divided by the scaling as HF PEFT does, so s B A is exactly the top-r part of W) and W is replaced by
+the residual `W - s B A`: outputs are unchanged at init. Our choice: the stored adapter always works on
+the ORIGINAL base (what users load in PEFT/vLLM), converted like PEFT's
+`path_initial_model_for_weight_conversion`: `s (B A - B0 A0)` as a plain rank-2r LoRA `[B, -B0] / [A; A0]`
+with alpha scaled to keep s (`saved_options()` gives the options that reload it).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import AdapterModule, Method, MethodOptions, replace_module
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, replace_module
 from peftcli.methods.targets import matches, is_linear, layer_index, linear_shape, resolve_targets
 
 TargetSpec = str | list[str] | None
@@ -33,6 +40,9 @@ class LoraOptions(MethodOptions):
     layers_pattern: str | list[str] | None = None
     use_rslora: bool = Field(False, description="scale by alpha/sqrt(r) (rsLoRA)")
     freeze_a: bool = Field(False, description="LoRA-FA: keep A at its random init, train B only")
+    init: Literal["default", "pissa"] = Field(
+        "default", description="pissa: A, B from the top-r singular vectors of W, W replaced by the residual; saved as a plain rank-2r LoRA on the original W"
+    )
 
 
 def _adapter_dtype(base: nn.Module) -> torch.dtype:
@@ -61,6 +71,24 @@ class LoraLinear(AdapterModule):
         h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
 
+    def pissa_init(self) -> None:
+        """PiSSA: A, B from the top-r SVD of W (fp32, as HF PEFT's pissa_init), W <- W - s B A.
+        Copies A0, B0 are kept (non-persistent buffers) to convert the trained adapter back to the original W."""
+        base = self.base_layer
+        w = base.weight.float()
+        w = w.T if self.fan_in_fan_out else w
+        if self.r > min(w.shape):
+            raise UserError(f"method.r={self.r} exceeds the rank of a {tuple(w.shape)} weight; PiSSA needs r <= {min(w.shape)}")
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        root = (sv[: self.r] / self.scaling).sqrt()
+        a, b = root[:, None] * vh[: self.r], u[:, : self.r] * root[None, :]
+        self.lora_A.weight.data.copy_(a)
+        self.lora_B.weight.data.copy_(b)
+        self.register_buffer("lora_A0", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("lora_B0", self.lora_B.weight.detach().clone(), persistent=False)
+        res = w - self.scaling * (b @ a)
+        base.weight.data = (res.T if self.fan_in_fan_out else res).contiguous().to(base.weight.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """s B A in (out, in) layout, fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -85,7 +113,10 @@ class LoRA(Method):
 
     def make_wrapper(self, base: nn.Module) -> AdapterModule:
         o = self.opts
-        return LoraLinear(base, o.r, o.alpha, o.dropout, o.use_rslora)
+        wrapper = self.wrapper_cls(base, o.r, o.alpha, o.dropout, o.use_rslora)
+        if getattr(o, "init", "default") == "pissa":
+            wrapper.pissa_init()
+        return wrapper
 
     def inject(self, model: nn.Module) -> None:
         o = self.opts
@@ -112,8 +143,31 @@ class LoRA(Method):
             return short, True
         return "^(?:" + "|".join(p.replace(".", r"\.") for p in self.wrapped) + ")$", False
 
-    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
+    def saved_options(self) -> LoraOptions:
+        """Options under which the stored tensors reload on the original base (PiSSA: rank 2r, same scaling)."""
         o = self.opts
+        if getattr(o, "init", "default") != "pissa":
+            return o
+        alpha = o.alpha * (math.sqrt(2) if o.use_rslora else 2)  # s = alpha/r or alpha/sqrt(r) stays put
+        return o.model_copy(update={"r": 2 * o.r, "alpha": alpha, "init": "default"})
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        sd = super().state_dict(model)
+        if getattr(self.opts, "init", "default") == "pissa":
+            # W_res + s B A = W + s (B A - B0 A0) = W + s [B, -B0] [A; A0]: a plain LoRA on the original W
+            for path, w in self.wrappers(model).items():
+                sd[f"{PREFIX}{path}.lora_A.weight"] = torch.cat([w.lora_A.weight.detach(), w.lora_A0], 0)
+                sd[f"{PREFIX}{path}.lora_B.weight"] = torch.cat([w.lora_B.weight.detach(), -w.lora_B0], 1)
+        return sd
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        if getattr(self.opts, "init", "default") == "pissa":
+            raise UserError("a PiSSA-initialised model cannot take stored tensors (its W was replaced by the residual); "
+                            "load the saved adapter with its adapter_config (a plain LoRA of rank 2r) on the original base")
+        super().load_state_dict(model, sd)
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
+        o = self.saved_options()
         targets, keep_filters = self._peft_targets(model)
         return {
             "peft_type": "LORA",
@@ -140,6 +194,9 @@ class LoRA(Method):
     def from_adapter_config(cls, cfg: dict) -> LoraOptions:
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise UserError("rank_pattern/alpha_pattern adapters are not supported yet")
+        if str(cfg.get("init_lora_weights", True)).lower().startswith(("pissa", "corda", "olora")):
+            raise UserError("this adapter was saved against a residual base (init_lora_weights="
+                            f"{cfg['init_lora_weights']}); re-save it with PEFT's path_initial_model_for_weight_conversion")
         if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
             raise UserError("LoRA adapters with trained biases (bias/lora_bias) are not supported yet")
         return cls.Options(
