@@ -45,6 +45,7 @@ class DataCfg(_Section):
     template: Literal["auto", "chat", "alpaca"] = "auto"
     system_prompt: str | None = None
     max_length: int = Field(512, ge=8)
+    padding: Literal["longest", "max_length"] = Field("longest", description="pad each batch to its longest row, or always to max_length")
 
     @model_validator(mode="after")
     def _one_eval_source(self):

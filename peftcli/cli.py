@@ -1,0 +1,220 @@
+"""The command line. Thin on purpose: each command parses options and calls one function.
+Heavy imports (torch, transformers) happen inside commands so that `peftcli --help` is instant."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="peftcli",
+    help="Parameter-efficient fine-tuning from a YAML recipe, merged back into the base with no latency.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
+
+
+def user_errors(fn):
+    """UserError -> one red line on stderr, exit 2; a failed merge proof -> exit 1. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from peftcli.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            if type(exc).__name__ == "MergeMismatch":
+                err_console.print(f"[bold red]merge failed:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            raise
+
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (sections model, method, data, train, output)")],
+    set_: SetOpt = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default: output.dir)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in the output directory")] = False,
+    as_json: JsonOpt = False,
+):
+    """Train the recipe's method and write an adapter directory (HF PEFT layout)."""
+    from peftcli.recipe import load_recipe
+    from peftcli.train import run_training
+
+    r = load_recipe(recipe, set_)
+    result = run_training(r, output_dir, overwrite, console=None if as_json else console)
+    if as_json:
+        _print_json(result)
+
+
+class By(str, Enum):
+    type = "type"
+    layer = "layer"
+    module = "module"
+
+
+@app.command()
+@user_errors
+def inspect(
+    target: Annotated[str, typer.Argument(help="a recipe .yaml, an adapter directory or a model directory")],
+    by: Annotated[By, typer.Option(help="group rows by module type, layer or module")] = By.type,
+    set_: SetOpt = None,
+    base: Annotated[str | None, typer.Option(help="base model for an adapter (default: the one it names)")] = None,
+    as_json: JsonOpt = False,
+):
+    """Total and trainable parameters per module type / layer, trainable %, stored adapter size."""
+    from peftcli.inspect import inspect_target
+
+    report = inspect_target(target, by.value, set_, base)
+    if as_json:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{report['kind']}: {report['source']}", show_footer=True)
+    table.add_column(by.value, footer="total")
+    table.add_column("params", justify="right", footer=f"{report['total_params']:,}")
+    table.add_column("trainable", justify="right", footer=f"{report['trainable_params']:,}")
+    table.add_column("trainable %", justify="right", footer=f"{report['trainable_percent']:.4f}")
+    for row in report["rows"]:
+        pct = 100.0 * row["trainable"] / max(row["total"], 1)
+        table.add_row(row["group"], f"{row['total']:,}", f"{row['trainable']:,}" if row["trainable"] else "-", f"{pct:.2f}" if row["trainable"] else "")
+    console.print(table)
+    console.print(f"trainable params: {report['trainable_params']:,} || all params: {report['total_params']:,} "
+                  f"|| trainable%: {report['trainable_percent']:.4f}")
+    if "method" in report:
+        targets = report.get("targets") or []
+        console.print(f"method [bold]{report['method']}[/]: {len(targets)} targeted modules"
+                      + (f" ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})" if targets else "")
+                      + (f", modules_to_save {report['modules_to_save']}" if report.get("modules_to_save") else "")
+                      + (f"; stored adapter {report['adapter_bytes']:,} bytes" if report.get("adapter_bytes") else ""))
+        shown = {"targets", "modules_to_save", "method", "adapter_bytes", "metrics"}
+        for key in sorted(set(report) - shown - {"source", "kind", "total_params", "trainable_params", "trainable_percent", "by", "rows"}):
+            console.print(f"  {key}: {report[key]}")
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+MergeOut = Annotated[Path, typer.Option("--output", "-o", help="directory for the merged model")]
+BaseOpt = Annotated[str | None, typer.Option(help="base model (default: the one the adapter was trained on)")]
+DtypeOpt = Annotated[Dtype | None, typer.Option(help="dtype to merge in (default: the training dtype)")]
+ForceOpt = Annotated[bool, typer.Option(help="merge even if the base weights differ from the training base")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output directory")]
+
+
+def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json) -> None:
+    from peftcli.merge import merge_adapter
+
+    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite)
+    if as_json:
+        _print_json(res)
+    else:
+        console.print(f"merged {res['method']} into the base ({res['dtype']}): max |logit difference| "
+                      f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}) -> [bold]{res['output']}[/] in {res['seconds']}s")
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="adapter directory written by `peftcli train` (or HF PEFT)")],
+    output: MergeOut,
+    base: BaseOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+):
+    """Fold the adapter into the base weights; verify merged logits equal the adapter's."""
+    _merge(adapter, output, base, dtype, force, overwrite, as_json)
+
+
+class Format(str, Enum):
+    peft = "peft"
+    merged = "merged"
+    gguf = "gguf"
+
+
+@app.command()
+@user_errors
+def export(
+    adapter: Annotated[Path, typer.Argument(help="adapter directory")],
+    output: MergeOut,
+    format: Annotated[Format, typer.Option("--format", "-f", help="peft: HF PEFT adapter dir; merged: safetensors model")] = Format.peft,
+    base: BaseOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+):
+    """Write what deployment tools read: the HF PEFT adapter layout or a merged model."""
+    from peftcli.errors import UserError
+
+    if format is Format.merged:
+        return _merge(adapter, output, base, dtype, force, overwrite, as_json)
+    if format is Format.gguf:
+        raise UserError("--format gguf is not available yet; use --format merged and llama.cpp's convert_hf_to_gguf.py")
+    from peftcli.export import export_peft
+
+    res = export_peft(adapter, output, overwrite)
+    _print_json(res) if as_json else console.print(f"HF PEFT adapter ({res['peft_type']}) written to [bold]{res['output']}[/]")
+
+
+@app.command()
+@user_errors
+def methods(as_json: JsonOpt = False):
+    """List the methods: family (Xu et al. 2023 taxonomy), whether they merge, their options."""
+    from peftcli.methods import available_methods, get_method
+
+    rows = []
+    for name in available_methods():
+        cls = get_method(name)
+        opts = {k: (None if f.is_required() else f.default) for k, f in cls.Options.model_fields.items() if k != "name"}
+        rows.append({"name": name, "family": cls.family, "mergeable": cls.mergeable, "peft_type": cls.peft_type,
+                     "summary": cls.summary, "options": opts})
+    if as_json:
+        return _print_json(rows)
+    from rich.table import Table
+
+    table = Table(title="peftcli methods")
+    for col in ("method", "family", "merges", "HF PEFT", "what it trains", "options (defaults)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["family"], "yes" if r["mergeable"] else "no", r["peft_type"] or "-", r["summary"],
+                      ", ".join(f"{k}={v}" for k, v in r["options"].items()))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Trainable-parameter breakdown of a recipe, an adapter directory or a model directory."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.methods.targets import layer_index
+
+def _group(name: str, by: str) -> str:
+    if by == "module":
+        return name.rpartition(".")[0] or name
+    if by == "layer":
+        idx = layer_index(name)
+        return f"layer {idx}" if idx is not None else ("embeddings" if "embed" in name else "other")
+    # by type: the module path with layer numbers and wrapper internals removed, e.g. self_attn.q_proj.lora_A
+    parts = [p for p in name.split(".")[:-1] if not p.isdigit() and p not in ("model", "base_model")]
+    path = [p for i, p in enumerate(parts) if i == 0 or parts[i - 1] not in ("layers", "h", "layer", "block")]
+    return ".".join(p for p in path if p not in ("layers", "h", "layer", "block", "encoder", "decoder", "bert", "transformer")) or name
+
+
+def breakdown(model: nn.Module, by: str = "type") -> list[dict]:
+    rows: OrderedDict[str, dict] = OrderedDict()
+    for name, p in model.named_parameters():
+        row = rows.setdefault(_group(name, by), {"group": _group(name, by), "total": 0, "trainable": 0})
+        row["total"] += p.numel()
+        row["trainable"] += p.numel() if p.requires_grad else 0
+    return list(rows.values())
+
+
+def stored_bytes(method, model) -> int:
+    from safetensors.torch import save
+
+    from peftcli.adapter_io import adapter_tensors
+
+    return len(save(adapter_tensors(method, model), metadata={"format": "pt"}))
+
+
+def _report(model, by: str, kind: str, source: str, method=None, size: int | None = None, extra: dict | None = None) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = {"source": source, "kind": kind, "total_params": total, "trainable_params": trainable,
+              "trainable_percent": 100.0 * trainable / max(total, 1), "by": by, "rows": breakdown(model, by)}
+    if method is not None:
+        report["method"] = method.name
+        report["adapter_bytes"] = size
+        report.update(method.describe(model))
+    report.update(extra or {})
+    return report
+
+
+def inspect_target(target: str, by: str = "type", overrides: list[str] | None = None, base: str | None = None) -> dict:
+    from peftcli.models import load_model, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or (path.is_file() and not path.is_dir()):
+        from peftcli.methods import build_method
+        from peftcli.recipe import load_recipe
+
+        recipe = load_recipe(path, overrides)
+        label_names = None
+        if recipe.model.task == "seq-cls" and recipe.model.num_labels is None:
+            from peftcli.data import label_mapping, load_rows
+
+            label_names = label_mapping(load_rows(recipe.data.train, "data.train"), recipe.data.train)
+        tok = load_tokenizer(recipe.model)
+        loaded = load_model(recipe.model, tok, num_labels=recipe.model.num_labels, label_names=label_names, seed=recipe.train.seed)
+        method = build_method(recipe.method_options)
+        method.apply(loaded.model, recipe.model.task, also_save=loaded.new_modules)
+        return _report(loaded.model, by, "recipe", str(path), method, stored_bytes(method, loaded.model))
+    if (path / "adapter_config.json").is_file():
+        from peftcli.merge import load_adapted
+
+        a = load_adapted(path, base=base)
+        extra = {"metrics": (a.adapter.meta or {}).get("metrics")} if a.adapter.meta else {}
+        return _report(a.loaded.model, by, "adapter", str(path), a.method, a.adapter.size_bytes, extra)
+    if (path / "config.json").is_file():
+        from transformers import AutoModel
+
+        from peftcli.models import _from_pretrained
+
+        return _report(_from_pretrained(AutoModel, str(path)), by, "model", str(path))
+    raise UserError(f"{target}: not a recipe (.yaml), an adapter directory (adapter_config.json) or a model directory (config.json)")

@@ -1,0 +1,144 @@
+"""Fold an adapter into its base and prove it: the merged model, reloaded from disk, must give the
+unmerged model's logits within the dtype's tolerance, or nothing is written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftcli import adapter_io
+from peftcli.errors import UserError
+from peftcli.recipe import ModelCfg
+
+# |merged - unmerged| <= atol + rtol * max|unmerged|, per dtype: fp32 is exact up to summation order,
+# half precision rounds the merged weights once.
+TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (0.0, 3e-2), "float16": (0.0, 5e-3)}
+PROBE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Parameter-efficient fine-tuning trains a few weights.",
+    "Merging must not change what the model says.",
+    "1, 2, 3, 4, 5",
+]
+
+
+class MergeMismatch(Exception):
+    """The merged model's outputs differ from the adapter's beyond tolerance (exit 1)."""
+
+
+@dataclass
+class Adapted:
+    loaded: object  # models.LoadedModel
+    method: object
+    adapter: adapter_io.AdapterDir
+    task: str
+    dtype: str
+    base_layout: dict  # parameter name -> (shape, module type) of the base, before the method
+
+
+def base_model_cfg(adapter: adapter_io.AdapterDir, base: str | None, dtype: str | None) -> ModelCfg:
+    meta_base = (adapter.meta or {}).get("base", {})
+    name = base or meta_base.get("name_or_path") or adapter.config.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{adapter.path}: the adapter does not name its base model; pass --base MODEL")
+    task = meta_base.get("task") or {v: k for k, v in adapter_io.TASK_TYPES.items()}.get(adapter.config.get("task_type"), "causal-lm")
+    return ModelCfg(name_or_path=name, gguf_file=meta_base.get("gguf_file") if not base else None, task=task,
+                    dtype=dtype or meta_base.get("dtype", "float32"), trust_remote_code=meta_base.get("trust_remote_code", False))
+
+
+def layout(model) -> dict:
+    types = {n: type(m).__name__ for n, m in model.named_modules()}
+    return {n: (tuple(p.shape), types[n.rpartition(".")[0]]) for n, p in model.named_parameters()}
+
+
+def load_adapted(path: str | Path, base: str | None = None, dtype: str | None = None, force: bool = False) -> Adapted:
+    """Base model + method + stored tensors, checked against the base the adapter was trained on."""
+    from peftcli.models import fingerprint, load_model, quiet_transformers
+
+    quiet_transformers()
+    adapter = adapter_io.read_adapter(path)
+    cfg = base_model_cfg(adapter, base, dtype)
+    method = adapter_io.method_for(adapter)
+    meta_base = (adapter.meta or {}).get("base", {})
+    loaded = load_model(cfg, label_names=meta_base.get("label_names"))
+    expected = meta_base.get("fingerprint")
+    new_modules = meta_base.get("new_modules", loaded.new_modules)
+    if expected and not force:
+        got = fingerprint(loaded.model, exclude=new_modules)
+        if got != expected:
+            raise UserError(
+                f"{cfg.name_or_path} is not the base this adapter was trained on (weights fingerprint {got} != {expected}); "
+                "pass the right --base, or --force to merge anyway"
+            )
+    base_layout = layout(loaded.model)
+    method.apply(loaded.model, cfg.task, also_save=new_modules)
+    method.load_state_dict(loaded.model, adapter_io.load_tensors(adapter))
+    loaded.model.eval()
+    return Adapted(loaded, method, adapter, cfg.task, cfg.dtype, base_layout)
+
+
+@torch.no_grad()
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    enc = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu()
+
+
+def merge_adapter(path: str | Path, output: str | Path, base: str | None = None, dtype: str | None = None,
+                  force: bool = False, overwrite: bool = False) -> dict:
+    from peftcli.models import DTYPES, model_class_for
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir() if output.is_dir() else [output]) and not overwrite:
+        raise UserError(f"--output {output} already exists; pass --overwrite or choose another directory")
+    t0 = time.perf_counter()
+    a = load_adapted(path, base, dtype, force)
+    if not a.method.mergeable:
+        raise UserError(f"method {a.method.name!r} cannot be folded into the base weights; use `peftcli export --format peft`")
+    model, tok = a.loaded.model, a.loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    before = probe_logits(model, tok)
+    a.method.merge(model)
+    merged_layout = layout(model)
+    if merged_layout != a.base_layout:
+        diff = sorted(set(merged_layout.items()) ^ set(a.base_layout.items()))[:2]
+        raise RuntimeError(f"merge left the model's layout changed: {diff}")  # a method bug, not a user error
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+    try:
+        _untie_if_changed(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and a.task == "causal-lm":
+            model.generation_config.save_pretrained(tmp)
+        del model, a.loaded.model
+        reloaded = model_class_for(a.task).from_pretrained(tmp, dtype=DTYPES.get(a.dtype, torch.float32)).eval()
+        after = probe_logits(reloaded, tok)
+        max_diff = (after - before).abs().max().item()
+        atol, rtol = TOLERANCE.get(a.dtype, TOLERANCE["float32"])
+        tol = atol + rtol * before.abs().max().item()
+        if not max_diff <= tol:
+            raise MergeMismatch(f"merged logits differ from the adapter's by {max_diff:.3g} > tolerance {tol:.3g} ({a.dtype}); nothing written")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"output": str(output), "method": a.method.name, "dtype": a.dtype, "max_abs_diff": max_diff,
+            "tolerance": tol, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _untie_if_changed(model) -> None:
+    """A merge into a tied output head changes the embeddings too; say so in the config rather than
+    leave tie_word_embeddings=True over weights that no longer match (a known pain point)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and getattr(model.config, "tie_word_embeddings", False):
+        if out.weight.data_ptr() != inp.weight.data_ptr():
+            model.config.tie_word_embeddings = False
