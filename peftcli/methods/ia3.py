@@ -41,6 +41,10 @@ DEFAULT_IA3_FEEDFORWARD = {
 }
 
 
+def _exact_regex(paths: list[str]) -> str:
+    return "^(?:" + "|".join(map(re.escape, paths)) + ")$"
+
+
 class IA3Options(MethodOptions):
     name: Literal["ia3"] = "ia3"
     target_modules: TargetSpec = Field(None, description="regex (fullmatch), list (exact/suffix), 'all-linear', or null for PEFT's per-architecture default")
@@ -111,19 +115,19 @@ class IA3(Method):
         short = sorted({p.rsplit(".", 1)[-1] for p in self.feedforward})
         if [p for p in self.wrapped if any(p.endswith(s) for s in short)] == self.feedforward and isinstance(targets, list):
             return short
-        return "^(?:" + "|".join(p.replace(".", r"\.") for p in self.feedforward) + ")$"
+        return _exact_regex(self.feedforward)
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
         o = self.opts
         targets, keep_filters = self._peft_targets(model)
+        if o.layers_to_transform is not None:  # PEFT's IA3Config has no layer filter: name the modules
+            targets, keep_filters = _exact_regex(self.wrapped), False
         return {
             "peft_type": "IA3",
             "base_model_name_or_path": base_name,
             "target_modules": targets,
             "feedforward_modules": self._peft_feedforward(targets),
             "exclude_modules": o.exclude_modules if keep_filters else None,
-            "layers_to_transform": o.layers_to_transform if keep_filters else None,
-            "layers_pattern": o.layers_pattern if keep_filters else None,
             "fan_in_fan_out": any(w.fan_in_fan_out for w in self.wrappers(model).values()),
             "modules_to_save": self.saved_modules or None,
             "init_ia3_weights": True,
