@@ -95,7 +95,7 @@ def count_bias(base, arch):
 
 
 CASES = {
-    "dora-llama": ({"name": "dora", "r": R, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "llama",
+    "dora-llama": ({"name": "dora", "r": R, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "llama",
                    count_lora(["q_proj", "v_proj", "down_proj"], lambda i, o: R * (i + o) + o)),
     "dora-gpt2": ({"name": "dora", "r": R, "target_modules": ["c_attn", "c_fc"]}, "gpt2",
                   count_lora(["c_attn", "c_fc"], lambda i, o: R * (i + o) + o)),

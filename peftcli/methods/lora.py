@@ -65,6 +65,7 @@ class LoraLinear(AdapterModule):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.train(base.training)  # injected into an eval-mode model, the dropout must not switch on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
