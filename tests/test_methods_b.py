@@ -17,6 +17,16 @@ from peftcli.methods.said import _draw, _hadamard, _Projector, fwht
 H, LAYERS, VOCAB, INTER = 32, 2, 128, 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models gain nothing from threads, and on a shared busy CPU spinning OpenMP threads made
+    # this file ~10x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(arch: str, seq_cls: bool = False):
     torch.manual_seed(0)
     if arch == "llama":
