@@ -161,6 +161,11 @@ def load_smollm2(dtype="float32"):
     folder, gguf = smollm2_location()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=getattr(torch, dtype))
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and type(q).__name__ == "GgufHfQuantizer" and not getattr(q, "packed_modules", None):
+        # transformers 5 keeps a GGUF quantizer on a model it has fully dequantised, and then refuses
+        # save_pretrained ("quantized with gguf and is not serializable"); the weights are plain fp32.
+        q.remove_quantization_config(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok, model
@@ -248,6 +253,8 @@ def cmd_train(a) -> None:
     rows = rows[:limit] if limit else rows
     system_prompt = get(recipe, "data.system_prompt")
     data = [e for e in (encode_alpaca(tok, r, max_length, system_prompt) for r in rows) if e is not None]
+    if not data:
+        raise SystemExit(f"every row is longer than data.max_length={max_length} before its response; raise it")
     data_s = time.perf_counter() - t
 
     dl = loader(data, hp["batch_size"], hp["seed"], collate(tok.pad_token_id, pad_to))
