@@ -286,9 +286,10 @@ class AdaLoRA(LoRA):
         targets, keep_filters = self._peft_targets(model)
         # PEFT refuses a config without a budgeting phase; before training we only know the options
         total = self.total_steps or (o.tinit + o.tfinal + 1)
+        # "r" is ignored by PEFT for AdaLoRA and warns unless it is its default 8
         return {
             "peft_type": "ADALORA", "base_model_name_or_path": base_name,
-            "r": o.init_r, "lora_alpha": o.alpha, "lora_dropout": o.dropout, "target_modules": targets,
+            "r": 8, "lora_alpha": o.alpha, "lora_dropout": o.dropout, "target_modules": targets,
             "exclude_modules": o.exclude_modules if keep_filters else None,
             "layers_to_transform": o.layers_to_transform if keep_filters else None,
             "layers_pattern": o.layers_pattern if keep_filters else None,

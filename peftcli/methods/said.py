@@ -145,7 +145,8 @@ class _Projector(nn.Module):
         lam = self._scale()
         if lam is not None:
             coef = coef * lam[rows]
-        return {i: (x[row, : self.numels[i]] * coef[row]).view(self.shapes[i]) for row, i in enumerate(rows)}
+        # unbind, not x[row]: each indexing backward would allocate the whole (rows, L) gradient
+        return {i: (xr[: self.numels[i]] * coef[row]).view(self.shapes[i]) for row, (i, xr) in enumerate(zip(rows, x.unbind(0)))}
 
     def project_all(self) -> list[torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
