@@ -362,6 +362,27 @@ def quality_sets(c: Ctx, seed: int) -> list[str]:
     return sets
 
 
+STEP_OPTIONS = ("tinit", "tfinal", "deltaT")  # method options counted in steps (AdaLoRA's schedule)
+
+
+def schedule_sets(recipe_path: Path, steps: int) -> list[str]:
+    """Scale a method's step-counted options from the recipe's own length to the bench's budget, so
+    e.g. AdaLoRA keeps its warm-up / pruning / final phases in the same proportions."""
+    import math
+
+    r = load_recipe(recipe_path)
+    t, d, m = r.get("train") or {}, r.get("data") or {}, r.get("method") or {}
+    own = t.get("max_steps")
+    if not own:
+        rows = (d.get("train") or {}).get("limit") or 8000
+        own = math.ceil(float(t.get("epochs") or 1) * rows / int(t.get("batch_size", 8)))
+    sets = []
+    for k in STEP_OPTIONS:
+        if isinstance(m.get(k), int) and own != steps:
+            sets.append(f"method.{k}={max(1 if k == 'deltaT' else 0, round(m[k] * steps / own))}")
+    return sets
+
+
 def section_quality(c: Ctx) -> dict:
     seeds = [int(s) for s in c.a.seeds.split(",")]
     jobs = quality_jobs(c)
@@ -372,7 +393,7 @@ def section_quality(c: Ctx) -> dict:
                 continue
             name = f"{j['side']}-{j['method']}-s{seed}"
             d = c.fresh("quality", name)
-            sets = quality_sets(c, seed)
+            sets = quality_sets(c, seed) + schedule_sets(j["recipe"], c.a.cls_steps)
             flat = [x for s in sets for x in ("--set", s)]
             if j["side"] == "peftcli":
                 cmd = peftcli_cmd() + ["train", rel(j["recipe"])] + flat + ["--output-dir", str(d), "--overwrite"]
