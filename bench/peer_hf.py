@@ -412,17 +412,10 @@ def cmd_latency(a) -> None:
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
     mask = torch.ones_like(ids)
+    with torch.inference_mode():  # keep the logits for the merge checks
+        logits = {n: m(input_ids=ids, attention_mask=mask, use_cache=False).logits.float() for n, m in variants.items()}
+    times = time_variants(variants, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, a.rounds)
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    logits = {}
-    with torch.inference_mode():
-        for n in names:  # warm-up (allocator, oneDNN primitive cache), keep the logits for checks
-            logits[n] = variants[n](input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        for r in range(a.rounds):
-            for n in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
-                t = time.perf_counter()
-                variants[n](input_ids=ids, attention_mask=mask, use_cache=False)
-                times[n].append(time.perf_counter() - t)
     tok_n = a.batch * a.seq
     res = {"batch": a.batch, "seq": a.seq, "rounds": a.rounds, "load_s": round(load_s, 2), "variants": {}}
     for n in names:
@@ -433,6 +426,48 @@ def cmd_latency(a) -> None:
         res["max_abs_logit_diff_merged_vs_unmerged"] = float((logits["merged"] - logits["unmerged"]).abs().max())
     if "merged" in logits:
         res["max_abs_logit_diff_merged_vs_base"] = float((logits["merged"] - logits["base"]).abs().max())
+    emit(Path(a.out), res)
+
+
+def time_variants(variants: dict, inputs: dict, rounds: int) -> dict[str, list[float]]:
+    """Interleaved timing: one warm-up forward each, then `rounds` rounds with a rotating order."""
+    import torch
+
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for n in names:
+            variants[n](**inputs)
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                t = time.perf_counter()
+                variants[n](**inputs)
+                times[n].append(time.perf_counter() - t)
+    return times
+
+
+def cmd_latency_cls(a) -> None:
+    """MiniLM seq-cls: base vs each peftcli-merged SST-2 model vs its unmerged adapter (peftcli's own
+    wrappers, loaded with peftcli.merge.load_adapted: several methods have no HF PEFT form)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from peftcli.merge import load_adapted
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_location(), num_labels=2).eval()
+    variants = {"base": base}
+    for spec in a.pair:
+        method, merged, adapter = spec.split("=", 1)[0], *spec.split("=", 1)[1].split(",")
+        variants[f"{method}:merged"] = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32).eval()
+        variants[f"{method}:unmerged"] = load_adapted(adapter).loaded.model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, base.config.vocab_size, (a.batch, a.seq), generator=g)
+    times = time_variants(variants, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, a.rounds)
+    res = {"batch": a.batch, "seq": a.seq, "rounds": a.rounds, "variants": {}}
+    for n, ts in times.items():
+        ts = sorted(ts)
+        med = ts[len(ts) // 2] if len(ts) % 2 else (ts[len(ts) // 2 - 1] + ts[len(ts) // 2]) / 2
+        res["variants"][n] = {"median_s": med, "tokens_per_s": a.batch * a.seq / med, "times_s": times[n]}
     emit(Path(a.out), res)
 
 
@@ -459,13 +494,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--rounds", type=int, default=7)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("latency-cls")
+    s.add_argument("--pair", action="append", default=[], help="METHOD=MERGED_DIR,ADAPTER_DIR (repeatable)")
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--seq", type=int, default=64)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--out", required=True)
     sub.add_parser("versions")
     a = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.cmd == "versions":
         print(json.dumps(versions()))
         return
-    {"train": cmd_train, "cls": cmd_cls, "merge": cmd_merge, "latency": cmd_latency}[a.cmd](a)
+    {"train": cmd_train, "cls": cmd_cls, "merge": cmd_merge, "latency": cmd_latency, "latency-cls": cmd_latency_cls}[a.cmd](a)
 
 
 if __name__ == "__main__":

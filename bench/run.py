@@ -37,7 +37,7 @@ from bench.common import (
     versions,
 )
 
-SECTIONS = ["startup", "train", "merge", "latency", "quality"]
+SECTIONS = ["startup", "train", "merge", "quality", "latency"]
 TRAIN_RECIPE = BENCH / "recipes" / "smollm2-lora-alpaca.yaml"
 PY = sys.executable
 
@@ -261,7 +261,7 @@ def section_merge(c: Ctx) -> dict:
                       "peak_rss_mb": median([r["peak_rss_mb"] for r in rs if r["rc"] == 0]),
                       "ok_runs": sum(r["rc"] == 0 for r in rs), "runs": len(rs)} for side, rs in runs.items()}
     res = {"adapter": rel(adapter), "repeats": c.a.merge_repeats, "summary": summary, "runs": runs,
-           "note": "both include loading the GGUF base (dequantised to fp32); peftcli merge also reloads the merged "
+           "note": "Both include loading the GGUF base (dequantised to fp32); peftcli merge also reloads the merged "
                    "model from disk and checks its logits against the unmerged adapter's before it writes"}
     if summary["peftcli"]["wall_s"] and summary["peft"]["wall_s"]:
         res["ratios"] = {"wall_s": summary["peftcli"]["wall_s"] / summary["peft"]["wall_s"],
@@ -275,18 +275,21 @@ def section_latency(c: Ctx) -> dict:
     adapter = lora_adapter(c)
     merged = next((d for d in sorted((c.work / "merge").glob("peftcli-*")) if (d / "config.json").is_file()), None) \
         if (c.work / "merge").is_dir() else None
+    res: dict = {}
     if merged is None:
         merged = c.fresh("latency", "merged")
         r = c.run("latency", "peftcli-merge", peftcli_cmd() + ["merge", str(adapter), "--output", str(merged), "--overwrite"])
         if r["rc"] != 0:
-            raise BenchError(f"peftcli merge failed (log: {r['log']})")
+            res["error"] = f"peftcli merge failed (log: {r['log']}): " + log_tail(r["log"], 1)
+            res["minilm"] = latency_minilm(c)
+            return res
     d = c.fresh("latency", "result")
     r = c.run("latency", "forward", peer_cmd("latency", "--merged", str(merged), "--adapter", str(adapter),
                                               "--batch", str(c.a.lat_batch), "--seq", str(c.a.lat_seq),
                                               "--rounds", str(c.a.lat_rounds), "--out", str(d)))
-    res = {"adapter": rel(adapter), "merged": rel(merged), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"],
+    res.update({"adapter": rel(adapter), "merged": rel(merged), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"],
            "note": "one process holds base (GGUF, fp32), the peftcli-merged model and the unmerged adapter "
-                   "(peft PeftModel on a copy of the base); rounds rotate the order; median per variant"}
+                   "(peft PeftModel on a copy of the base); rounds rotate the order; median per variant"})
     if (d / "result.json").is_file():
         j = json.loads((d / "result.json").read_text())
         res.update({k: j[k] for k in j if k not in ("peak_rss_mb_self", "process_s")})
@@ -295,6 +298,40 @@ def section_latency(c: Ctx) -> dict:
         mb = res["ratios"].get("merged/base")
         if mb is not None:
             res["targets"] = {"merged_over_base": {"value": mb, "target": "1.00 +- 0.02", "met": abs(mb - 1) <= 0.02}}
+    res["minilm"] = latency_minilm(c)
+    return res
+
+
+def latency_minilm(c: Ctx) -> dict:
+    """Each mergeable peftcli method, from the quality section's first-seed SST-2 runs: `peftcli merge`,
+    then base vs merged vs unmerged forward latency on MiniLM (one process, interleaved rounds)."""
+    qdir = c.work / "quality"
+    seed = c.a.seeds.split(",")[0]
+    runs = sorted(qdir.glob(f"peftcli-*-s{seed}")) if qdir.is_dir() else []
+    runs = [d for d in runs if (d / "adapter_model.safetensors").is_file()]
+    if not runs:
+        return {"skipped": "no SST-2 adapters from the quality section in " + rel(qdir)}
+    pairs, merge_info = [], {}
+    for d in runs:
+        method = d.name.removeprefix("peftcli-").removesuffix(f"-s{seed}")
+        m = c.fresh("latency", "minilm", method)
+        r = c.run("latency", f"merge-{method}", peftcli_cmd() + ["merge", str(d), "--output", str(m), "--overwrite", "--json"])
+        merge_info[method] = {"rc": r["rc"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
+        if r["rc"] == 0:
+            pairs += ["--pair", f"{method}={m},{d}"]
+    if not pairs:
+        return {"merges": merge_info, "error": "no SST-2 adapter merged"}
+    out = c.fresh("latency", "minilm-result")
+    r = c.run("latency", "minilm-forward", peer_cmd("latency-cls", *pairs, "--batch", str(c.a.cls_batch),
+                                                    "--seq", str(c.a.cls_max_length), "--rounds", str(c.a.lat_rounds),
+                                                    "--out", str(out)))
+    res = {"merges": merge_info, "rc": r["rc"]}
+    if (out / "result.json").is_file():
+        j = json.loads((out / "result.json").read_text())
+        v = j["variants"]
+        base = v["base"]["tokens_per_s"]
+        res.update(batch=j["batch"], seq=j["seq"], rounds=j["rounds"], variants=v,
+                   ratios={n: x["tokens_per_s"] / base for n, x in v.items() if n != "base"})
     return res
 
 
@@ -532,6 +569,17 @@ def write_report(out: Path, meta: dict) -> None:
         if "max_abs_logit_diff_merged_vs_unmerged" in r:
             L += ["", f"max |logit| difference merged vs unmerged: {r['max_abs_logit_diff_merged_vs_unmerged']:.2e}; "
                       f"merged vs base: {r.get('max_abs_logit_diff_merged_vs_base', float('nan')):.2e} (the adapter changes the model)."]
+        L.append("")
+    if "latency" in res and res["latency"].get("error"):
+        L += ["## Inference latency (SmolLM2-135M)", "", f"Not measured: {res['latency']['error']}", ""]
+    mini = (res.get("latency") or {}).get("minilm") or {}
+    if mini.get("variants"):
+        L += ["## Inference latency per mergeable method (MiniLM SST-2 models)", "",
+              f"Forward pass over a fixed batch of {mini['batch']} x {mini['seq']} tokens, median of {mini['rounds']} interleaved "
+              "rounds; merged = `peftcli merge` output loaded as a plain transformers model; unmerged = the adapter in "
+              "peftcli's own wrappers.", "", "| variant | median ms | tokens/s | vs base |", "|---|---|---|---|"]
+        for n, x in mini["variants"].items():
+            L.append(f"| {n} | {1000 * x['median_s']:.1f} | {x['tokens_per_s']:.0f} | {mini['ratios'].get(n, 1.0):.3f} |")
         L.append("")
     if "merge" in res:
         r = res["merge"]
