@@ -174,13 +174,14 @@ def prepare(cfg: DataCfg, tokenizer, task: str, seed: int = 42, base_dir: Path |
     for ds, df, key in ((train_ds, cfg.train, "data.train"), (eval_ds, cfg.eval, "data.eval")):
         if ds is not None:
             _check_columns(ds, fmt_of(df), df, key)
+    # labels are named from all training rows, before an eval split can hide a rare one
+    names = (label_names or label_mapping(train_ds, cfg.train)) if task == "seq-cls" else None
     if eval_ds is None and cfg.eval_ratio:
         split = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
         train_ds, eval_ds = split["train"], split["test"]
     eval_df = cfg.eval or cfg.train
 
     if task == "seq-cls":
-        names = label_names or label_mapping(train_ds, cfg.train)
         to_id = {n: i for i, n in enumerate(names)}
 
         def encode_cls(ds, df, key):

@@ -91,6 +91,11 @@ def load_model(cfg: ModelCfg, tokenizer=None, num_labels: int | None = None, lab
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, info = _from_pretrained(loader, path, output_loading_info=True, **kw)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf and quantizer is not None:
+        # GGUF weights arrive dequantised to `dtype`, yet transformers keeps a GGUF marker that makes
+        # save_pretrained refuse the (plain) model; drop it so merged models can be written.
+        quantizer.remove_quantization_config(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", []) if "." in k})

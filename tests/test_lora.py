@@ -1,0 +1,168 @@
+"""LoRA and target matching on tiny Llama / GPT-2 / BERT models: init is a no-op, merge equals
+unmerged, counts match r*(in+out), HF PEFT's matching rules, and the PEFT layout round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from peftcli import adapter_io
+from peftcli.errors import UserError
+from peftcli.loss import LossModel
+from peftcli.merge import layout
+from peftcli.methods import build_method
+from peftcli.methods.targets import is_linear, linear_shape, resolve_targets
+
+IDS = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def lora(model, task="causal-lm", **opts):
+    method = build_method({"name": "lora", "r": 4, "alpha": 8, **opts})
+    method.apply(model, task)
+    return method
+
+
+def perturb(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("arch,task", [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "seq-cls")])
+def test_init_noop_merge_equivalence_and_count(arch, task):
+    model = tiny_model(arch, task)
+    base_layout = layout(model)
+    ref = logits(model)
+    shapes = {n: linear_shape(m) for n, m in model.named_modules() if is_linear(m)}
+    method = lora(model, task, target_modules="all-linear")
+    assert torch.equal(logits(model), ref), "LoRA at init (B = 0) must not change outputs"
+    formula = sum(4 * (shapes[n][0] + shapes[n][1]) for n in method.wrapped)
+    head = sum(p.numel() for n in method.saved_modules for p in model.get_submodule(n).parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == formula + head
+    perturb(model)
+    unmerged = logits(model)
+    assert (unmerged - ref).abs().max() > 1e-3
+    method.merge(model)
+    assert (logits(model) - unmerged).abs().max() <= 1e-4
+    assert layout(model) == base_layout, "merged model must have the base's names, shapes and module types"
+
+
+def test_rslora_scaling_and_lora_fa_freezes_a():
+    model = tiny_model("llama")
+    m = lora(model, target_modules=["q_proj"], r=16, alpha=8, use_rslora=True, freeze_a=True)
+    w = model.model.layers[0].self_attn.q_proj
+    assert w.scaling == pytest.approx(8 / 4) and not w.lora_A.weight.requires_grad and w.lora_B.weight.requires_grad
+    assert m.opts.use_rslora
+
+
+def test_target_rules():
+    model = tiny_model("llama")
+    # list: exact or suffix; regex: fullmatch; default per architecture; layers_to_transform; exclude
+    assert resolve_targets(model, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert resolve_targets(model, r".*\.1\.mlp\.up_proj") == ["model.layers.1.mlp.up_proj"]
+    with pytest.raises(UserError, match="matches no module"):
+        resolve_targets(model, "q_proj")
+    assert [n.rsplit(".", 1)[-1] for n in resolve_targets(model, None)] == ["q_proj", "v_proj"] * 2
+    assert resolve_targets(model, ["v_proj"], layers_to_transform=1) == ["model.layers.1.self_attn.v_proj"]
+    all_lin = resolve_targets(model, "all-linear", exclude_modules=["down_proj"])
+    assert "lm_head" not in all_lin and not any(n.endswith("down_proj") for n in all_lin) and len(all_lin) == 12
+
+
+def test_unmatched_entries_are_named_with_closest():
+    model = tiny_model("llama")
+    with pytest.raises(UserError) as exc:
+        resolve_targets(model, ["q_proj", "qproj", "v_prj"])
+    msg = str(exc.value)
+    assert "'qproj'" in msg and "'v_prj'" in msg and "q_proj" in msg and "v_proj" in msg and "'q_proj' (" not in msg
+
+
+def test_unsupported_module_type_is_refused():
+    with pytest.raises(UserError, match="cannot wrap"):
+        resolve_targets(tiny_model("llama"), ["input_layernorm"])
+
+
+def test_selective_head_loss_equals_transformers_loss():
+    model = tiny_model("llama")
+    labels = IDS.clone()
+    labels[:, :5] = -100  # a masked prompt
+    mask = torch.ones_like(IDS)
+    wrapped = LossModel(model, "causal-lm")
+    assert wrapped.selective
+    ours, _ = wrapped(IDS, mask, labels)
+    theirs = model(input_ids=IDS, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,task,targets", [("llama", "causal-lm", "all-linear"), ("gpt2", "causal-lm", None),
+                                               ("bert", "seq-cls", ["query", "value"]),
+                                               ("llama", "causal-lm", {"list": ["v_proj"], "layers": [1]})])
+def test_peft_loads_our_adapter_with_same_logits(tmp_path, arch, task, targets):
+    from peft import PeftModel
+
+    extra = {}
+    if isinstance(targets, dict):
+        extra = {"layers_to_transform": targets["layers"]}
+        targets = targets["list"]
+    model = tiny_model(arch, task)
+    method = lora(model, task, target_modules=targets, **extra)
+    perturb(model)
+    with torch.no_grad():  # a trained head too, saved through modules_to_save
+        for n in method.saved_modules:
+            for p in model.get_submodule(n).parameters():
+                p.add_(0.3)
+    ours = logits(model)
+    adapter_io.write_adapter(tmp_path, method, model, {"base": {"name_or_path": "tiny", "task": task}})
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == ("SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM")
+    peft_model = PeftModel.from_pretrained(tiny_model(arch, task), tmp_path).eval()
+    assert (logits(peft_model) - ours).abs().max() <= 1e-5
+    wrapped = {n.removeprefix("base_model.model.") for n, _ in peft_model.named_modules() if n.endswith("lora_A")}
+    assert {n.removesuffix(".lora_A") for n in wrapped} == set(method.wrapped)
+
+
+def test_we_read_adapters_written_by_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ref = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path)
+    adapter = adapter_io.read_adapter(tmp_path)
+    method = adapter_io.method_for(adapter)
+    model = tiny_model("llama")
+    method.apply(model)
+    method.load_state_dict(model, adapter_io.load_tensors(adapter))
+    assert (logits(model) - ref).abs().max() <= 1e-5
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    adapter_io.atomic_write(tmp_path / "a.json", "{}")
+    adapter_io.atomic_write(tmp_path / "a.json", '{"x": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_checkpoint_keeps_last_good_on_crash(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    method = lora(model, target_modules=["q_proj"])
+    meta = {"base": {"name_or_path": "tiny", "task": "causal-lm"}}
+    good = adapter_io.write_checkpoint(tmp_path, 1, method, model, meta)
+    before = (good / adapter_io.WEIGHTS).read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io, "_model_card", boom)  # fail midway through writing step 2
+    with pytest.raises(OSError):
+        adapter_io.write_checkpoint(tmp_path, 2, method, model, meta)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-1"] and (good / adapter_io.WEIGHTS).read_bytes() == before
