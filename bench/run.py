@@ -648,10 +648,22 @@ def plot(out: Path) -> None:
     else:
         ax.text(0.5, 0.5, "quality section not run", ha="center", va="center")
     ax = axes[1][1]
-    if "latency" in res and "variants" in res["latency"]:
-        v = res["latency"]["variants"]
-        ax.bar(list(v), [x["tokens_per_s"] for x in v.values()], color=["#7f7f7f", "#1f77b4", "#2ca02c"][: len(v)])
-        ax.set_title("inference tokens/s (forward, fixed batch)")
+    lat = res.get("latency") or {}
+    names, vals, cols = [], [], []
+    for n, v in (lat.get("ratios") or {}).items():
+        names.append(f"smollm2 {n}")
+        vals.append(v)
+        cols.append("#1f77b4" if n.startswith("merged") else "#2ca02c")
+    for n, v in ((lat.get("minilm") or {}).get("ratios") or {}).items():
+        names.append(f"minilm {n}")
+        vals.append(v)
+        cols.append("#1f77b4" if n.endswith("merged") and not n.endswith("unmerged") else "#2ca02c")
+    if names:
+        ax.barh(names, vals, color=cols)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title("inference tokens/s vs base (blue merged, green unmerged)")
     else:
         ax.text(0.5, 0.5, "latency section not run", ha="center", va="center")
     ax = axes[1][2]
@@ -664,7 +676,7 @@ def plot(out: Path) -> None:
                 cols.append(colors[side])
     if "startup" in res:
         for row in res["startup"]["rows"][1:]:
-            labels.append(row["command"].split(" ")[1].replace("--help", "--help") + "\n" + "peftcli")
+            labels.append("peftcli\n" + row["command"].split(" ")[1])
             vals.append(row["median_s"])
             cols.append(colors["peftcli"])
     if labels:
@@ -672,7 +684,8 @@ def plot(out: Path) -> None:
         ax.set_title("wall seconds: merge, start-up (lower is better)")
     else:
         ax.text(0.5, 0.5, "merge/startup not run", ha="center", va="center")
-    fig.suptitle("peftcli vs Hugging Face PEFT (same machine, same run)")
+    date = next((r.get("date") for r in res.values() if r.get("date")), "")
+    fig.suptitle(f"peftcli vs Hugging Face PEFT (same machine, same run) {date}")
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=90)
     plt.close(fig)
@@ -728,7 +741,7 @@ def parse_args(argv):
 
 
 SIZES_NOTE = (
-    "Default sizes are chosen so that `make bench` takes about 30-40 minutes on a 2-core CPU machine: training runs "
+    "Default sizes are chosen so that `make bench` takes about 40 minutes on a quiet 2-core CPU machine: training runs "
     "{steps} steps ({warmup} warm-up + {measured} measured, ~5-6 s each at batch {batch} x {seq}) plus ~30 s of GGUF "
     "loading, {repeats} runs per side; SST-2 runs {cls_steps} steps at batch {cls_batch} (drawn from the first "
     "{cls_train_rows} rows; ~0.6 s a step, ~1.5 min a run with the dev evaluation) for {nseeds} seeds on the headline "
