@@ -66,7 +66,7 @@ def train(
     from peftcli.train import run_training
 
     r = load_recipe(recipe, set_)
-    result = run_training(r, output_dir, overwrite, console=None if as_json else console)
+    result = run_training(r, output_dir, overwrite, console=err_console if as_json else console)  # --json: stdout is the JSON only
     if as_json:
         _print_json(result)
 

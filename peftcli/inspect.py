@@ -16,10 +16,17 @@ def _group(name: str, by: str) -> str:
     if by == "layer":
         idx = layer_index(name)
         return f"layer {idx}" if idx is not None else ("embeddings" if "embed" in name else "other")
-    # by type: the module path with layer numbers and wrapper internals removed, e.g. self_attn.q_proj.lora_A
-    parts = [p for p in name.split(".")[:-1] if not p.isdigit() and p not in ("model", "base_model")]
-    path = [p for i, p in enumerate(parts) if i == 0 or parts[i - 1] not in ("layers", "h", "layer", "block")]
-    return ".".join(p for p in path if p not in ("layers", "h", "layer", "block", "encoder", "decoder", "bert", "transformer")) or name
+    # by type: the module path without layer numbers, leading wrappers and `base_layer`,
+    # e.g. self_attn.q_proj (the frozen base) and self_attn.q_proj.lora_A
+    parts = name.split(".")[:-1]
+    out: list[str] = []
+    for i, p in enumerate(parts):
+        if p.isdigit() or (i + 1 < len(parts) and parts[i + 1].isdigit()) or p == "base_layer":
+            continue
+        if not out and p in ("model", "base_model", "transformer", "bert", "encoder", "decoder", "roberta"):
+            continue
+        out.append(p)
+    return ".".join(out) or name
 
 
 def breakdown(model: nn.Module, by: str = "type") -> list[dict]:

@@ -59,6 +59,8 @@ def evaluate(model, loader, accelerator, task: str) -> dict:
 
 
 def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> dict:
+    from rich.console import Console
+
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -70,6 +72,7 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
     from peftcli.progress import TrainProgress
 
     quiet_transformers()
+    console = console or Console()
     tcfg, mcfg = recipe.train, recipe.model
     out_dir = Path(output_dir or recipe.output.dir)
     check_output_dir(out_dir, overwrite)
@@ -77,7 +80,7 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum)
     main = accelerator.is_main_process
-    say = (console.print if console is not None and main else (lambda *a, **k: None))
+    say = console.print if main else (lambda *a, **k: None)
     set_seed(tcfg.seed)
 
     # Cheap failures first: tokenizer and data before the (slow) model.

@@ -51,7 +51,7 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0):
+def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0, init: float = 0.3):
     from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
                               LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
@@ -59,7 +59,8 @@ def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0):
     vocab = 30522  # the WordPiece tokenizer's
     if arch == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+                          num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False,
+                          initializer_range=init)
         model = LlamaForSequenceClassification(cfg) if task == "seq-cls" else LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0)
@@ -70,7 +71,8 @@ def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0):
         model = BertForSequenceClassification(cfg)
     else:
         raise ValueError(arch)
-    return model.eval()
+    return model.eval()  # init: a larger init range than real models gives a tiny random model
+    # logits with some spread, so a few LoRA steps can visibly learn
 
 
 def save_tiny(path: Path, arch: str, task: str = "causal-lm") -> Path:
@@ -110,16 +112,16 @@ def alpaca_files(tmp_path) -> tuple[Path, Path]:
             write_jsonl(tmp_path / "eval.jsonl", copy_task_rows(8, seed=1)))
 
 
-def recipe_dict(model_dir: Path, train: Path, eval_: Path | None, out: Path, **sections) -> dict:
+def recipe_dict(model_dir: Path, train_path: Path, eval_path: Path | None, out: Path, **sections) -> dict:
     d = {
         "model": {"name_or_path": str(model_dir), "task": "causal-lm", "dtype": "float32"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
-        "data": {"train": {"path": str(train), "format": "alpaca"}, "max_length": 64},
+        "data": {"train": {"path": str(train_path), "format": "alpaca"}, "max_length": 64},
         "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_every": 3, "save_every": 3, "seed": 0},
         "output": {"dir": str(out)},
     }
-    if eval_ is not None:
-        d["data"]["eval"] = {"path": str(eval_), "format": "alpaca"}
+    if eval_path is not None:
+        d["data"]["eval"] = {"path": str(eval_path), "format": "alpaca"}
     for k, v in sections.items():
         d[k] = {**d.get(k, {}), **v}
     return d
