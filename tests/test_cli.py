@@ -184,3 +184,17 @@ def test_seq_cls_run_reports_accuracy_and_saves_head(tmp_path, tiny_bert_dir):
     assert json.loads((tmp_path / "out" / "peftcli.json").read_text())["base"]["label_names"] == ["neg", "pos"]
     merged = invoke("merge", tmp_path / "out", "--output", tmp_path / "merged", "--json")
     assert json.loads(merged.stdout)["max_abs_diff"] <= 1e-4
+
+
+def test_runs_unchanged_under_accelerate_launch(tmp_path, tiny_llama_dir):
+    """Two CPU processes (gloo DDP): one adapter, one metrics file, written by the main process only."""
+    train = write_jsonl(tmp_path / "t.jsonl", copy_task_rows(64))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama_dir, train, None, tmp_path / "out"))
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "--cpu", "-m", "peftcli", "train", str(recipe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = metrics(tmp_path / "out")
+    assert [e["step"] for e in lines if "loss" in e] == list(range(1, 7))
+    assert proc.stdout.count("adapter written") == 1
