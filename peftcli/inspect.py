@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from peftcli.errors import UserError
@@ -39,11 +40,28 @@ def breakdown(model: nn.Module, by: str = "type") -> list[dict]:
 
 
 def stored_bytes(method, model) -> int:
+    """Exact size of the adapter file this method would write (zeros stand in for meta tensors)."""
     from safetensors.torch import save
 
-    from peftcli.adapter_io import adapter_tensors
+    tensors = {k: torch.zeros(v.shape, dtype=v.dtype) if v.is_meta else v.detach().cpu().contiguous()
+               for k, v in method.state_dict(model).items()}
+    return len(save(tensors, metadata={"format": "pt"}))
 
-    return len(save(adapter_tensors(method, model), metadata={"format": "pt"}))
+
+def meta_model(cfg, label_names: list[str] | None = None):
+    """The recipe's model built from its config on the meta device: shapes without weights, so a
+    recipe is inspected in seconds instead of loading (or dequantising) the checkpoint."""
+    from transformers import AutoConfig
+
+    from peftcli.models import DTYPES, _from_pretrained, model_class_for, resolve_path
+
+    path, gguf = resolve_path(cfg)
+    config = _from_pretrained(AutoConfig, path, trust_remote_code=cfg.trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+    if cfg.task == "seq-cls":
+        config.num_labels = len(label_names) if label_names else (cfg.num_labels or 2)
+    with torch.device("meta"):
+        model = model_class_for(cfg.task).from_config(config, dtype=DTYPES.get(cfg.dtype, torch.float32))
+    return model
 
 
 def _report(model, by: str, kind: str, source: str, method=None, size: int | None = None, extra: dict | None = None) -> dict:
@@ -74,11 +92,17 @@ def inspect_target(target: str, by: str = "type", overrides: list[str] | None = 
             from peftcli.data import label_mapping, load_rows
 
             label_names = label_mapping(load_rows(recipe.data.train, "data.train"), recipe.data.train)
-        tok = load_tokenizer(recipe.model)
-        loaded = load_model(recipe.model, tok, num_labels=recipe.model.num_labels, label_names=label_names, seed=recipe.train.seed)
         method = build_method(recipe.method_options)
-        method.apply(loaded.model, recipe.model.task, also_save=loaded.new_modules)
-        return _report(loaded.model, by, "recipe", str(path), method, stored_bytes(method, loaded.model))
+        try:
+            model = meta_model(recipe.model, label_names)
+            method.apply(model, recipe.model.task)
+        except (NotImplementedError, RuntimeError):
+            # a method whose init needs real weights (PiSSA's SVD, ...): count on the loaded model
+            loaded = load_model(recipe.model, load_tokenizer(recipe.model), num_labels=recipe.model.num_labels,
+                                label_names=label_names, seed=recipe.train.seed)
+            model, method = loaded.model, build_method(recipe.method_options)
+            method.apply(model, recipe.model.task, also_save=loaded.new_modules)
+        return _report(model, by, "recipe", str(path), method, stored_bytes(method, model))
     if (path / "adapter_config.json").is_file():
         from peftcli.merge import load_adapted
 
