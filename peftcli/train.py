@@ -7,9 +7,11 @@ the loop.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,17 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"output.dir: {path} exists and is a file; choose another --output-dir")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"output.dir: {path} already holds a run; pass --overwrite to replace it or choose another --output-dir")
+
+
+def mmap_large_tensors() -> None:
+    """glibc raises its mmap threshold after large frees, so activation memory freed by one step stays
+    in the heap, fragments, and the next step grows RSS (SmolLM2 batch 4x256: 4.5 GB peak). A fixed 1 MiB
+    threshold serves large tensors from mmap and returns them on free: 3.1 GB peak, same speed."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc (musl, ...): nothing to tune
 
 
 def _scheduler(optimizer, cfg, total_steps: int):
@@ -82,6 +95,8 @@ def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool 
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
     set_seed(tcfg.seed)
+    if tcfg.mmap_large_tensors:
+        mmap_large_tensors()
 
     # Cheap failures first: tokenizer and data before the (slow) model.
     tokenizer = load_tokenizer(mcfg)

@@ -166,3 +166,40 @@ def test_checkpoint_keeps_last_good_on_crash(tmp_path, monkeypatch):
         adapter_io.write_checkpoint(tmp_path, 2, method, model, meta)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-1"] and (good / adapter_io.WEIGHTS).read_bytes() == before
+
+
+def test_we_read_peft_seq_cls_adapters(tmp_path):
+    """PEFT lists modules_to_save ["classifier", "score"] for any SEQ_CLS model; the one that exists is loaded."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_model = get_peft_model(tiny_model("bert", "seq-cls"), LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query"],
+                                                                         init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "classifier" in n and p.requires_grad:
+                p.add_(0.5)
+    ref = logits(peft_model.eval())
+    peft_model.save_pretrained(tmp_path)
+    adapter = adapter_io.read_adapter(tmp_path)
+    method = adapter_io.method_for(adapter)
+    model = tiny_model("bert", "seq-cls")
+    method.apply(model, "seq-cls")
+    method.load_state_dict(model, adapter_io.load_tensors(adapter))
+    assert method.saved_modules == ["classifier"] and (logits(model) - ref).abs().max() <= 1e-5
+
+
+def test_padding_free_loss_equals_padded_loss():
+    """Flattening a right-padded batch into one row (block-causal via position_ids) changes no number."""
+    model = tiny_model("llama")
+    ids = IDS.clone()
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # two padded rows of different lengths
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    wrapped = LossModel(model, "causal-lm")
+    assert wrapped.padding_free
+    ours, _ = wrapped(ids, mask, labels)
+    theirs = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)

@@ -52,13 +52,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+HEADS = ("classifier", "score")
+
+
 def head_module_names(model: nn.Module) -> list[str]:
     """Classification heads, which a seq-cls fine-tune must train in full (as HF PEFT does)."""
-    names = []
-    for cand in ("classifier", "score"):
-        if isinstance(getattr(model, cand, None), nn.Module):
-            names.append(cand)
-    return names
+    return [h for h in HEADS if isinstance(getattr(model, h, None), nn.Module)]
 
 
 class Method:
@@ -83,8 +82,9 @@ class Method:
             p.requires_grad_(False)
         self.inject(model)
         wanted = list(self.opts.modules_to_save or [])
-        if task == "seq-cls":
-            wanted += head_module_names(model)
+        # HF PEFT writes modules_to_save ["classifier", "score"] for any SEQ_CLS model: keep the one that exists
+        heads = [h for h in HEADS if h in wanted or task == "seq-cls"]
+        wanted = [m for m in wanted if m not in HEADS] + [h for h in head_module_names(model) if h in heads]
         wanted += list(also_save)
         self.saved_modules = self._resolve_saved(model, wanted)
         for name in self.saved_modules:
