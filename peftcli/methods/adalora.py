@@ -109,14 +109,6 @@ class SVDLinear(AdapterModule):
         e = self.lora_E.float() * self.rank_mask.unsqueeze(1)
         return self.lora_B.float() @ (self.lora_A.float() * e) * (self.scaling / (self.ranknum.float() + 1e-5))
 
-    def merged_module(self) -> nn.Module:
-        base = self.base_layer
-        delta = self.delta_weight()
-        if self.fan_in_fan_out:
-            delta = delta.T
-        base.weight.data = (base.weight.float() + delta).to(base.weight.dtype)
-        return base
-
     def orth_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
         return torch.linalg.matrix_norm(self.lora_A @ self.lora_A.T - eye) + torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye)

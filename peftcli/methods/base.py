@@ -37,9 +37,18 @@ class AdapterModule(nn.Module):
         """Local name -> parameter, for everything this wrapper stores (trainable or not)."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
-    def merged_module(self) -> nn.Module:
-        """The base module with this adapter folded into its weights."""
+    def delta_weight(self) -> torch.Tensor:
+        """The additive weight update in (out, in) layout, fp32 (for methods of the form W + delta)."""
         raise NotImplementedError
+
+    def merged_module(self) -> nn.Module:
+        """The base module with this adapter folded into its weights (default: W += delta_weight())."""
+        base = self.base_layer
+        delta = self.delta_weight()
+        if not isinstance(base, nn.Linear):  # GPT-2's Conv1D stores W as (in, out)
+            delta = delta.T
+        base.weight.data = (base.weight.float() + delta).to(base.weight.dtype)
+        return base
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -94,14 +94,6 @@ class LoraLinear(AdapterModule):
         """s B A in (out, in) layout, fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
-    def merged_module(self) -> nn.Module:
-        base = self.base_layer
-        delta = self.delta_weight()
-        if self.fan_in_fan_out:
-            delta = delta.T
-        base.weight.data = (base.weight.float() + delta).to(base.weight.dtype)
-        return base
-
 
 @register
 class LoRA(Method):
