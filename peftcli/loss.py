@@ -5,9 +5,10 @@ For causal LMs the vocabulary projection is the costliest single layer of a smal
 that carry a label: the hidden states are gathered first, then projected, then cross-entropy in fp32.
 Same loss as transformers' (mean over label tokens), a fraction of the logits memory and FLOPs.
 
-Padding-free: for architectures whose attention masks come from transformers' masking_utils, the
-padded batch is flattened into one row of real tokens with per-sequence position_ids; transformers
-then builds a block-causal mask, so no compute is spent on pad positions and the loss is unchanged.
+Padding-free: for architectures whose attention goes through transformers' attention interface, the
+padded batch is flattened into one row of real tokens with per-sequence position_ids, so the linear
+layers (most of the FLOPs) see no pad positions, and attention runs per sequence with a plain causal
+SDPA (CPU flash kernel, no mask). Same loss, fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,37 @@ from torch import nn
 IGNORE = -100
 
 
-# model types whose mask builder honours packed position_ids (transformers' find_packed_sequence_indices)
+# model types whose attention layers pass position_ids through transformers' attention interface
 PADDING_FREE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+SEGMENT_ATTENTION = "peftcli_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention per packed sequence (position_ids restart at 0), else transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    starts = (pos[0] == 0).nonzero().flatten().tolist() if pos is not None and query.shape[0] == 1 else []
+    if len(starts) < 2 or starts[0] != 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    bounds = starts + [query.shape[2]]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: expand k/v heads once
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.cat([
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+                                       dropout_p=dropout if module.training else 0.0)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
 
 
 def supports_selective_head(model: nn.Module) -> bool:
@@ -36,7 +66,11 @@ class LossModel(nn.Module):
         super().__init__()
         self.model = model
         self.selective = task == "causal-lm" and supports_selective_head(model)
-        self.padding_free = self.selective and getattr(model.config, "model_type", None) in PADDING_FREE_TYPES
+        self.padding_free = (self.selective and getattr(model.config, "model_type", None) in PADDING_FREE_TYPES
+                             and getattr(model.config, "_attn_implementation", None) == "sdpa")
+        if self.padding_free:
+            _register_segment_attention()
+            model.set_attn_implementation(SEGMENT_ATTENTION)  # padded batches still go to SDPA
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean loss over label tokens, logits for seq-cls else None)."""

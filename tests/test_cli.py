@@ -198,3 +198,22 @@ def test_runs_unchanged_under_accelerate_launch(tmp_path, tiny_llama_dir):
     lines = metrics(tmp_path / "out")
     assert [e["step"] for e in lines if "loss" in e] == list(range(1, 7))
     assert proc.stdout.count("adapter written") == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train": {"mixed_precision": "bf16", "gradient_checkpointing": True}},  # CPU autocast + recompute
+    {"model": {"dtype": "bfloat16"}},  # a bf16 base: fp32 adapters, merge within the stated bf16 bound
+])
+def test_bf16_and_gradient_checkpointing(tmp_path, tiny_llama_dir, overrides):
+    train = write_jsonl(tmp_path / "t.jsonl", copy_task_rows(32))
+    d = recipe_dict(tiny_llama_dir, train, None, tmp_path / "out", train={"max_steps": 4, "save_every": None, "eval_every": None})
+    for section, values in overrides.items():
+        d[section] = {**d[section], **values}
+    result = invoke("train", write_recipe(tmp_path / "r.yaml", d), "--json")
+    assert result.exit_code == 0, result.output
+    losses = [e["loss"] for e in metrics(tmp_path / "out") if "loss" in e]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)  # finite, no NaN
+    merged = json.loads(invoke("merge", tmp_path / "out", "--output", tmp_path / "m", "--json").stdout)
+    assert merged["max_abs_diff"] <= merged["tolerance"]
+    if overrides.get("model", {}).get("dtype") == "bfloat16":
+        assert merged["dtype"] == "bfloat16" and merged["tolerance"] > 1e-4  # rtol 3e-2 of max |logit|
