@@ -78,7 +78,8 @@ class TrainCfg(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    mmap_large_tensors: bool = Field(True, description="Linux/glibc: give freed activation memory back to the OS (lower peak RSS on CPU)")
+    mmap_large_tensors: bool = Field(False, description="Linux/glibc, CPU: give freed activation memory back to the OS; "
+                                     "lower peak RSS for large models, slower steps for small ones (see README)")
     eval_every: int | None = Field(50, ge=1)
     save_every: int | None = Field(100, ge=1)
     log_every: int = Field(1, ge=1)

@@ -216,4 +216,4 @@ def test_bf16_and_gradient_checkpointing(tmp_path, tiny_llama_dir, overrides):
     merged = json.loads(invoke("merge", tmp_path / "out", "--output", tmp_path / "m", "--json").stdout)
     assert merged["max_abs_diff"] <= merged["tolerance"]
     if overrides.get("model", {}).get("dtype") == "bfloat16":
-        assert merged["dtype"] == "bfloat16" and merged["tolerance"] > 1e-4  # rtol 3e-2 of max |logit|
+        assert merged["dtype"] == "bfloat16" and merged["tolerance"] > 1e-4  # rtol 5e-2 of max |logit|
