@@ -79,25 +79,11 @@ def minilm_location() -> str:
 
 # ---------------------------------------------------------------- recipes
 
-def set_path(d: dict, dotted: str, value) -> None:
-    keys = [k for k in dotted.split(".") if k]
-    node = d
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
-            node[k] = {}
-        node = node[k]
-    node[keys[-1]] = value
-
-
 def apply_sets(d: dict, sets: list[str] | None) -> dict:
-    """The same KEY.PATH=VALUE semantics as `peftcli train --set` (values parsed as YAML)."""
-    d = copy.deepcopy(d)
-    for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise BenchError(f"--set {item!r}: expected KEY.PATH=VALUE")
-        set_path(d, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return d
+    """The same KEY.PATH=VALUE semantics as `peftcli train --set`: the very function it uses."""
+    from peftcli.recipe import apply_overrides
+
+    return apply_overrides(copy.deepcopy(d), sets or [])
 
 
 def load_recipe(path: str | Path, sets: list[str] | None = None) -> dict:
