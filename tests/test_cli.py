@@ -158,10 +158,9 @@ def test_merge_refuses_a_different_base(trained, tmp_path):
 
     other = tmp_path / "other-llama"
     tiny_model("llama", seed=1).save_pretrained(other)
-    (trained["run"] / "tokenizer.json")  # the tokenizer comes from the base dir
     from conftest import tiny_tokenizer
 
-    tiny_tokenizer().save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)  # the tokenizer comes from the base dir
     proc = cli("merge", trained["run"], "--output", tmp_path / "m", "--base", other)
     assert_user_error(proc, "not the base this adapter was trained on", "--force")
     assert not (tmp_path / "m").exists()

@@ -24,7 +24,7 @@ from torch import nn
 from peftcli.errors import UserError
 from peftcli.methods import register
 from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, replace_module
-from peftcli.methods.targets import matches, is_linear, layer_index, linear_shape, resolve_targets
+from peftcli.methods.targets import filter_targets, is_linear, linear_shape, resolve_targets
 
 TargetSpec = str | list[str] | None
 
@@ -127,11 +127,7 @@ class LoRA(Method):
         o = self.opts
         cand = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short
                 and (is_linear(m) or isinstance(m, self.wrapper_cls))]
-        if o.layers_to_transform is not None:
-            keep = {o.layers_to_transform} if isinstance(o.layers_to_transform, int) else set(o.layers_to_transform)
-            cand = [n for n in cand if layer_index(n, o.layers_pattern) in keep]
-        if o.exclude_modules:
-            cand = [n for n in cand if not matches(n, o.exclude_modules)]
+        cand = filter_targets(cand, o.exclude_modules, o.layers_to_transform, o.layers_pattern)
         if sorted(cand) == sorted(self.wrapped):
             return short, True
         return "^(?:" + "|".join(p.replace(".", r"\.") for p in self.wrapped) + ")$", False

@@ -80,6 +80,16 @@ def matches(name: str, spec) -> bool:
     return any(name == e or name.endswith("." + e) for e in spec)
 
 
+def filter_targets(names: list[str], exclude_modules=None, layers_to_transform=None, layers_pattern=None) -> list[str]:
+    """Drop excluded modules and those outside layers_to_transform (PEFT's rules for both)."""
+    if exclude_modules:
+        names = [n for n in names if not matches(n, exclude_modules)]
+    if layers_to_transform is not None:
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        names = [n for n in names if layer_index(n, layers_pattern) in wanted]
+    return names
+
+
 def resolve_targets(
     model: nn.Module,
     target_modules=None,
@@ -114,11 +124,7 @@ def resolve_targets(
             raise UserError(f"{key}: regex {target_modules!r} matches no module (it must match the full path, e.g. '.*q_proj')")
     else:
         picked = match_list(model, list(target_modules), key=key, names=names)
-    if exclude_modules:
-        picked = [n for n in picked if not matches(n, exclude_modules)]
-    if layers_to_transform is not None:
-        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
-        picked = [n for n in picked if layer_index(n, layers_pattern) in wanted]
+    picked = filter_targets(picked, exclude_modules, layers_to_transform, layers_pattern)
     bad = [n for n in picked if not supported(all_modules[n])]
     if bad:
         raise UserError(
