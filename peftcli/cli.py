@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -71,7 +71,7 @@ def train(
         _print_json(result)
 
 
-class By(str, Enum):
+class By(StrEnum):
     type = "type"
     layer = "layer"
     module = "module"
@@ -117,7 +117,7 @@ def inspect(
             console.print(f"  {key}: {report[key]}")
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -156,7 +156,7 @@ def merge(
     _merge(adapter, output, base, dtype, force, overwrite, as_json)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     peft = "peft"
     merged = "merged"
     gguf = "gguf"

@@ -11,6 +11,7 @@ from torch import nn
 from peftcli.errors import UserError
 from peftcli.methods.targets import layer_index
 
+
 def _group(name: str, by: str) -> str:
     if by == "module":
         return name.rpartition(".")[0] or name

@@ -3,7 +3,8 @@
 For causal LMs the vocabulary projection is the costliest single layer of a small model (SmolLM2:
 49k x 576), and instruction tuning masks most positions. So the head runs only on the positions
 that carry a label: the hidden states are gathered first, then projected, then cross-entropy in fp32.
-Same loss as transformers' (mean over label tokens), a fraction of the logits memory and FLOPs.
+Same loss as transformers' (mean over label tokens), a fraction of the logits memory and FLOPs; the
+projection and the loss run in row chunks (peftcli.kernels), so the fp32 logits never exist all at once.
 
 Padding-free: for architectures whose attention goes through transformers' attention interface, the
 padded batch is flattened into one row of real tokens with per-sequence position_ids, so the linear
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftcli.kernels import fuse_swiglu, linear_cross_entropy
 
 IGNORE = -100
 
@@ -34,12 +37,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if len(starts) < 2 or starts[0] != 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = starts + [query.shape[2]]
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: expand k/v heads once
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query heads stay unexpanded: autograd saves 1/groups of k and v
     out = torch.cat([
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-                                       dropout_p=dropout if module.training else 0.0)
+                                       dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ], dim=2)
     return out.transpose(1, 2).contiguous(), None
@@ -65,6 +66,7 @@ class LossModel(nn.Module):
     def __init__(self, model: nn.Module, task: str):
         super().__init__()
         self.model = model
+        fuse_swiglu(model)
         self.selective = task == "causal-lm" and supports_selective_head(model)
         self.padding_free = (self.selective and getattr(model.config, "model_type", None) in PADDING_FREE_TYPES
                              and getattr(model.config, "_attn_implementation", None) == "sdpa")
@@ -89,5 +91,7 @@ class LossModel(nn.Module):
         keep = targets != IGNORE
         if not keep.any():
             return hidden.sum() * 0.0, None  # keeps the graph (and DDP) intact on an all-masked batch
-        logits = self.model.get_output_embeddings()(hidden[keep])
-        return F.cross_entropy(logits.float(), targets[keep]), None
+        head = self.model.get_output_embeddings()
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(hidden[keep], head.weight, targets[keep]), None
+        return F.cross_entropy(head(hidden[keep]).float(), targets[keep]), None

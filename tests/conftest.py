@@ -52,8 +52,15 @@ def tiny_tokenizer():
 
 
 def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0, init: float = 0.3):
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     vocab = 30522  # the WordPiece tokenizer's

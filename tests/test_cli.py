@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_task_rows, recipe_dict, save_tiny, write_jsonl, write_recipe
+from conftest import copy_task_rows, recipe_dict, write_jsonl, write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -110,9 +110,8 @@ def test_merge_failure_exits_1_and_writes_nothing(trained, tmp_path, monkeypatch
 
 
 def test_export_peft_loads_in_peft(trained, tmp_path):
-    from peft import PeftModel
-
     from conftest import tiny_model
+    from peft import PeftModel
 
     result = invoke("export", trained["run"], "--format", "peft", "--output", tmp_path / "peft")
     assert result.exit_code == 0, result.output

@@ -10,7 +10,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from peftcli.errors import UserError
 from peftcli.methods import build_method

@@ -8,7 +8,15 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from peftcli.errors import UserError
 from peftcli.methods import build_method
@@ -334,7 +342,7 @@ def test_fastfood_projection_matches_formula_and_is_deterministic():
         with torch.no_grad():
             p.theta_d.copy_(proj.theta_d)
             getattr(p, "lambda").copy_(lam)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(out, again.project_all()))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(out, again.project_all(), strict=True))
     assert not torch.allclose(out[2], other.project_all()[2].detach())
 
 

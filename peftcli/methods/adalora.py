@@ -170,7 +170,7 @@ class _RankAllocator:
         else:
             threshold = torch.kthvalue(torch.cat(scores).float().cpu(), drop).values.item()
             keep = [s > threshold for s in scores]  # PEFT's rule: ties at the threshold go
-        for w, k in zip(mods, keep):
+        for w, k in zip(mods, keep, strict=True):
             w.rank_mask.copy_(k)
         self.budget = budget
 

@@ -68,9 +68,17 @@ class LoraLinear(AdapterModule):
         self.train(base.training)  # injected into an eval-mode model, the dropout must not switch on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # 2D, so the in-place update below needs no view bookkeeping in autograd
         out = self.base_layer(x)
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+        a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        if type(self.base_layer) is nn.Linear and out.dtype == a.dtype == self.lora_B.weight.dtype:
+            # out += s * a B^T as one op in place: no full-size temporaries for B's output, its scaled copy
+            # and the sum, nor for the scaled gradient in backward. Safe: linear saves its input, not its output.
+            out.addmm_(a, self.lora_B.weight.t(), alpha=self.scaling)
+        else:  # Conv1D, quantized or autocast bases: the plain sum
+            out = out + (self.lora_B(a) * self.scaling).to(out.dtype)
+        return out.view(*lead, out.shape[-1])
 
     def pissa_init(self) -> None:
         """PiSSA: A, B from the top-r SVD of W (fp32, as HF PEFT's pissa_init), W <- W - s B A.

@@ -38,7 +38,6 @@ from peftcli.methods import register
 from peftcli.methods.base import Method, MethodOptions
 from peftcli.methods.targets import is_linear, layer_index, output_head_names
 
-
 _BLOCK = 64  # the lowest log2(64) butterfly stages run as one dense 64x64 GEMM (faster than 6 passes)
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -146,7 +145,7 @@ class _Projector(nn.Module):
         if lam is not None:
             coef = coef * lam[rows]
         # unbind, not x[row]: each indexing backward would allocate the whole (rows, L) gradient
-        return {i: (xr[: self.numels[i]] * coef[row]).view(self.shapes[i]) for row, (i, xr) in enumerate(zip(rows, x.unbind(0)))}
+        return {i: (xr[: self.numels[i]] * coef[row]).view(self.shapes[i]) for row, (i, xr) in enumerate(zip(rows, x.unbind(0), strict=True))}
 
     def project_all(self) -> list[torch.Tensor]:
         out: dict[int, torch.Tensor] = {}

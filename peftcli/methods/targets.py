@@ -49,7 +49,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def layer_index(name: str, patterns=None) -> int | None:
     pats = [patterns] if isinstance(patterns, str) else (patterns or LAYER_PATTERNS)
-    m = re.search(r"(?:^|\.)(?:%s)\.(\d+)(?:\.|$)" % "|".join(map(re.escape, pats)), name)
+    m = re.search(r"(?:^|\.)(?:{})\.(\d+)(?:\.|$)".format("|".join(map(re.escape, pats))), name)
     return int(m.group(1)) if m else None
 
 
