@@ -294,12 +294,18 @@ def section_latency(c: Ctx) -> dict:
         j = json.loads((d / "result.json").read_text())
         res.update({k: j[k] for k in j if k not in ("peak_rss_mb_self", "process_s")})
         v = j["variants"]
-        res["ratios"] = {f"{n}/base": v[n]["tokens_per_s"] / v["base"]["tokens_per_s"] for n in v if n != "base"}
+        res["ratios"] = {f"{n}/base": paired_speed(v["base"]["times_s"], v[n]["times_s"]) for n in v if n != "base"}
         mb = res["ratios"].get("merged/base")
         if mb is not None:
             res["targets"] = {"merged_over_base": {"value": mb, "target": "1.00 +- 0.02", "met": abs(mb - 1) <= 0.02}}
     res["minilm"] = latency_minilm(c)
     return res
+
+
+def paired_speed(base_times: list[float], times: list[float]) -> float:
+    """Speed relative to base: the median over rounds of base time / variant time within the same round.
+    Pairing by round cancels the load drifts of a shared machine that per-variant medians keep."""
+    return median([b / t for b, t in zip(base_times, times, strict=True)])
 
 
 def latency_minilm(c: Ctx) -> dict:
@@ -331,7 +337,7 @@ def latency_minilm(c: Ctx) -> dict:
         v = j["variants"]
         base = v["base"]["tokens_per_s"]
         res.update(batch=j["batch"], seq=j["seq"], rounds=j["rounds"], variants=v,
-                   ratios={n: x["tokens_per_s"] / base for n, x in v.items() if n != "base"})
+                   ratios={n: paired_speed(v["base"]["times_s"], x["times_s"]) for n, x in v.items() if n != "base"})
     return res
 
 
@@ -462,7 +468,9 @@ def section_quality(c: Ctx) -> dict:
     for j in jobs:
         rs = [r for r in runs if r["side"] == j["side"] and r["method"] == j["method"] and r["rc"] == 0 and r["eval_accuracy"] is not None]
         if not rs:
-            rows.append({"side": j["side"], "method": j["method"], "recipe": rel(j["recipe"]), "seeds": 0, "failed": True})
+            bad = [r for r in runs if r["side"] == j["side"] and r["method"] == j["method"]]
+            rows.append({"side": j["side"], "method": j["method"], "recipe": rel(j["recipe"]), "seeds": 0, "failed": True,
+                         "error": log_tail(bad[0]["log"], 1).strip() if bad else "not run"})
             continue
         m, s = mean_std([100 * r["eval_accuracy"] for r in rs])
         tp = rs[0].get("trainable_params")
@@ -507,7 +515,12 @@ def write_report(out: Path, meta: dict) -> None:
           f"{m.get('os')}; load average at start {m.get('loadavg')} (a shared machine: the sides alternate run by run)",
           f"- Versions: peftcli {v.get('peftcli')} ({v.get('peftcli_commit')}), peft {v.get('peft')}, transformers "
           f"{v.get('transformers')}, torch {v.get('torch')}, accelerate {v.get('accelerate')}, Python {m.get('python')}",
-          f"- Invocation: `{meta['invocation']}` ({meta.get('duration_min', 0):.1f} min)", "",
+          f"- Invocation: `{meta['invocation']}` ({meta.get('duration_min', 0):.1f} min)"]
+    earlier = [f"{s} ({r['date']}, `{r['invocation']}`, {r.get('section_min', 0):.1f} min)" for s, r in res.items()
+               if r.get("invocation") and (r["invocation"], r.get("date")) != (meta["invocation"], meta["date"])]
+    if earlier:
+        L.append("- Sections kept from an earlier invocation (same machine): " + "; ".join(earlier))
+    L += ["",
           "![summary plot](summary.png)", ""]
     targets = []
     for s, r in res.items():
@@ -552,7 +565,7 @@ def write_report(out: Path, meta: dict) -> None:
               "|---|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             if row.get("failed"):
-                L.append(f"| {row['side']} | {row['method']} | failed | 0 | | | | | | {row['recipe']} |")
+                L.append(f"| {row['side']} | {row['method']} | failed: {row.get('error', '')[:160]} | 0 | | | | | | {row['recipe']} |")
                 continue
             L.append(f"| {row['side']} | {row['method']} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | {row['seeds']} | "
                      f"{fmt(row['trainable_params'])} | {fmt(row['trainable_pct'], 3)} | {fmt(row['stored_bytes'])} | "
@@ -562,10 +575,11 @@ def write_report(out: Path, meta: dict) -> None:
         r = res["latency"]
         L += ["## Inference latency (SmolLM2-135M, fp32, CPU)", "",
               f"One forward pass over a fixed batch of {r['batch']} x {r['seq']} random tokens, no KV cache; median of {r['rounds']} "
-              "rounds, variants interleaved with a rotating order.", "",
+              "rounds, variants interleaved with a rotating order; vs base = median over rounds of the base/variant time "
+              "ratio within a round.", "",
               "| variant | median s | tokens/s | vs base |", "|---|---|---|---|"]
         for n, x in r["variants"].items():
-            L.append(f"| {n} | {x['median_s']:.3f} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / r['variants']['base']['tokens_per_s']:.3f} |")
+            L.append(f"| {n} | {x['median_s']:.3f} | {x['tokens_per_s']:.1f} | {r['ratios'].get(n + '/base', 1.0):.3f} |")
         if "max_abs_logit_diff_merged_vs_unmerged" in r:
             L += ["", f"max |logit| difference merged vs unmerged: {r['max_abs_logit_diff_merged_vs_unmerged']:.2e}; "
                       f"merged vs base: {r.get('max_abs_logit_diff_merged_vs_base', float('nan')):.2e} (the adapter changes the model)."]
@@ -576,7 +590,7 @@ def write_report(out: Path, meta: dict) -> None:
     if mini.get("variants"):
         L += ["## Inference latency per mergeable method (MiniLM SST-2 models)", "",
               f"Forward pass over a fixed batch of {mini['batch']} x {mini['seq']} tokens, median of {mini['rounds']} interleaved "
-              "rounds; merged = `peftcli merge` output loaded as a plain transformers model; unmerged = the adapter in "
+              "rounds (vs base: median of per-round time ratios); merged = `peftcli merge` output loaded as a plain transformers model; unmerged = the adapter in "
               "peftcli's own wrappers.", "", "| variant | median ms | tokens/s | vs base |", "|---|---|---|---|"]
         for n, x in mini["variants"].items():
             L.append(f"| {n} | {1000 * x['median_s']:.1f} | {x['tokens_per_s']:.0f} | {mini['ratios'].get(n, 1.0):.3f} |")
@@ -718,14 +732,14 @@ def parse_args(argv):
     g.add_argument("--cls-max-length", type=int, default=64)
     g = p.add_argument_group("merge / latency / startup")
     g.add_argument("--merge-repeats", type=int, help="default 3; quick 1")
-    g.add_argument("--lat-rounds", type=int, help="default 7; quick 3")
+    g.add_argument("--lat-rounds", type=int, help="default 15; quick 3")
     g.add_argument("--lat-batch", type=int, default=4)
     g.add_argument("--lat-seq", type=int, default=256)
     g.add_argument("--startup-repeats", type=int, help="default 5; quick 3")
     a = p.parse_args(argv)
     q = a.quick
     defaults = {"steps": (12, 4), "repeats": (3, 1), "seeds": ("42,43,44", "42"), "cls_steps": (100, 10),
-                "cls_eval_rows": (None, 200), "merge_repeats": (3, 1), "lat_rounds": (7, 3), "startup_repeats": (5, 3)}
+                "cls_eval_rows": (None, 200), "merge_repeats": (3, 1), "lat_rounds": (15, 3), "startup_repeats": (5, 3)}
     for k, (full, quick) in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, quick if q else full)
@@ -782,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res["section_min"] = round((time.time() - ts) / 60, 2)
         res["date"] = meta["date"]
+        res["invocation"] = meta["invocation"]
         res["versions"] = meta["versions"]
         (c.out / f"{s}.json").write_text(json.dumps(res, indent=2, default=str))
         commands[s] = c.commands.get(s, [])

@@ -114,6 +114,8 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
     try:
         _untie_if_changed(model)
         model.save_pretrained(tmp, safe_serialization=True)
+        for f in tmp.glob("*.safetensors"):
+            align_safetensors(f)
         tok.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and a.task == "causal-lm":
             model.generation_config.save_pretrained(tmp)
@@ -133,6 +135,26 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
         raise
     return {"output": str(output), "method": a.method.name, "dtype": a.dtype, "max_abs_diff": max_diff,
             "tolerance": tol, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def align_safetensors(path: Path, align: int = 64) -> None:
+    """Pad the header so the data section starts on an `align`-byte boundary. Loaders map tensors
+    straight from the file (transformers does), and safetensors only aligns to 8 bytes: every weight of
+    a merged SmolLM2 sat at a misaligned address and its forward ran 2-5% slower than the base's. The
+    format allows trailing spaces in the header; tensor offsets are relative to the data section."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        pad = -(8 + n) % align
+        if not pad:
+            return
+        header = f.read(n)
+        tmp = path.with_name(path.name + ".aligning")
+        with tmp.open("wb") as g:
+            g.write((n + pad).to_bytes(8, "little") + header + b" " * pad)
+            shutil.copyfileobj(f, g, 16 << 20)
+            g.flush()
+            os.fsync(g.fileno())
+    os.replace(tmp, path)
 
 
 def _untie_if_changed(model) -> None:

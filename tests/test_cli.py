@@ -90,6 +90,8 @@ def test_merge_matches_adapter_and_base_layout(trained, tiny_llama_dir, tmp_path
     assert report["max_abs_diff"] <= 1e-4
     for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
         assert (out / name).is_file(), name
+    with (out / "model.safetensors").open("rb") as f:  # data section 64-byte aligned: weights mapped at aligned addresses
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
@@ -215,3 +217,19 @@ def test_bf16_and_gradient_checkpointing(tmp_path, tiny_llama_dir, overrides):
     assert merged["max_abs_diff"] <= merged["tolerance"]
     if overrides.get("model", {}).get("dtype") == "bfloat16":
         assert merged["dtype"] == "bfloat16" and merged["tolerance"] > 1e-4  # rtol 5e-2 of max |logit|
+
+
+def test_align_safetensors_keeps_every_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from peftcli.merge import align_safetensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, dtype=torch.bfloat16)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    align_safetensors(path)
+    with path.open("rb") as f:
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert not list(tmp_path.glob("*.aligning"))
