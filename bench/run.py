@@ -756,7 +756,7 @@ def parse_args(argv):
 
 SIZES_NOTE = (
     "Default sizes are chosen so that `make bench` takes about 40 minutes on a quiet 2-core CPU machine: training runs "
-    "{steps} steps ({warmup} warm-up + {measured} measured, ~5-6 s each at batch {batch} x {seq}) plus ~30 s of GGUF "
+    "{steps} steps ({warmup} warm-up + {measured} measured, ~3 s (peftcli) and ~5.5 s (peft) each at batch {batch} x {seq}) plus ~30 s of GGUF "
     "loading, {repeats} runs per side; SST-2 runs {cls_steps} steps at batch {cls_batch} (drawn from the first "
     "{cls_train_rows} rows; ~0.6 s a step, ~1.5 min a run with the dev evaluation) for {nseeds} seeds on the headline "
     "rows (LoRA on both sides) and {other} seed(s) for the other methods and full fine-tuning; merge {merge_repeats} runs per side; latency "
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     data_file("sst2/train.tsv")
     t0 = time.time()
     meta = {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(),
-            "versions": versions(), "invocation": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "versions": versions(), "invocation": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])}
     print(f"bench: {meta['machine']['cpu']}, {meta['machine'].get('usable_cores')} cores; versions {meta['versions']}", flush=True)
     r = run_measured(peer_cmd("versions"), c.raw / "versions.log")
     print("bench: peer side versions: " + log_tail(r["log"], 1), flush=True)
