@@ -335,7 +335,6 @@ def latency_minilm(c: Ctx) -> dict:
     if (out / "result.json").is_file():
         j = json.loads((out / "result.json").read_text())
         v = j["variants"]
-        base = v["base"]["tokens_per_s"]
         res.update(batch=j["batch"], seq=j["seq"], rounds=j["rounds"], variants=v,
                    ratios={n: paired_speed(v["base"]["times_s"], x["times_s"]) for n, x in v.items() if n != "base"})
     return res
