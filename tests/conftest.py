@@ -82,6 +82,19 @@ def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0, init: float = 
     # logits with some spread, so a few LoRA steps can visibly learn
 
 
+def padded_lm_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) for tiny causal LMs: 3 rows of 12, two right-padded to different
+    lengths, the first two positions of every row a masked prompt."""
+    ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return ids, mask, labels
+
+
 def save_tiny(path: Path, arch: str, task: str = "causal-lm") -> Path:
     model = tiny_model(arch, task)
     model.save_pretrained(path)

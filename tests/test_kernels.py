@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import padded_lm_batch, tiny_model
 
 from peftcli import kernels
 from peftcli.loss import LossModel
@@ -71,13 +71,7 @@ def test_training_step_gradients_equal_transformers(monkeypatch):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     model = copy.deepcopy(ref)
-    ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    mask[2, 4:] = 0
-    ids[mask == 0] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
+    ids, mask, labels = padded_lm_batch()
     wrapped = LossModel(model, "causal-lm")
     assert wrapped.padding_free
     ours, _ = wrapped(ids, mask, labels)

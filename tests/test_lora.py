@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import padded_lm_batch, tiny_model
 
 from peftcli import adapter_io
 from peftcli.errors import UserError
@@ -191,13 +191,7 @@ def test_we_read_peft_seq_cls_adapters(tmp_path):
 def test_padding_free_loss_equals_padded_loss():
     """Flattening a right-padded batch into one row (block-causal via position_ids) changes no number."""
     model = tiny_model("llama")
-    ids = IDS.clone()
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0  # two padded rows of different lengths
-    mask[2, 4:] = 0
-    ids[mask == 0] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
+    ids, mask, labels = padded_lm_batch()
     wrapped = LossModel(model, "causal-lm")
     assert wrapped.padding_free
     ours, _ = wrapped(ids, mask, labels)
