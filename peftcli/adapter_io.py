@@ -96,27 +96,6 @@ def write_adapter(directory: Path, method, model, meta: dict, recipe_yaml: str |
     atomic_write(directory / "README.md", _model_card(config, meta))
 
 
-def write_checkpoint(run_dir: Path, step: int, method, model, meta: dict, keep: int = 2) -> Path:
-    """checkpoints/step-N, built in a temp dir and renamed: a crash leaves the previous one intact."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    try:
-        write_adapter(tmp, method, model, {**meta, "step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
 def _model_card(config: dict, meta: dict) -> str:
     base = config.get("base_model_name_or_path")
     m = meta.get("metrics") or {}

@@ -37,15 +37,24 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _say_once(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2) from None
         except Exception as exc:
-            if type(exc).__name__ == "MergeMismatch":
-                err_console.print(f"[bold red]merge failed:[/] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-            raise
+            label = {"MergeMismatch": "merge failed", "TrainingStopped": "training stopped"}.get(type(exc).__name__)
+            if label is None:
+                raise
+            _say_once(f"[bold red]{label}:[/] {exc}")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _say_once(text: str) -> None:
+    """One line on stderr, from the main process only when several run the same command."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        err_console.print(text, highlight=False, soft_wrap=True)
 
 
 def _print_json(obj) -> None:
@@ -59,15 +68,29 @@ def train(
     set_: SetOpt = None,
     output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default: output.dir)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in the output directory")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint in the output directory")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1,
+                                               help="train on N local processes (hands over to `accelerate launch`)")] = 1,
     as_json: JsonOpt = False,
 ):
     """Train the recipe's method and write an adapter directory (HF PEFT layout)."""
+    import os
+
     from peftcli.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)  # a bad recipe fails here, once, before any process starts
+    if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        import subprocess
+
+        from peftcli.distributed import launch_command
+
+        argv = ["train", str(recipe), *[f"--set={s}" for s in set_ or []], *(["--output-dir", output_dir] if output_dir else []),
+                *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else []), *(["--json"] if as_json else [])]
+        raise typer.Exit(subprocess.run(launch_command(num_processes, argv, r.train.mixed_precision)).returncode)
     from peftcli.train import run_training
 
-    r = load_recipe(recipe, set_)
-    result = run_training(r, output_dir, overwrite, console=err_console if as_json else console)  # --json: stdout is the JSON only
-    if as_json:
+    result = run_training(r, output_dir, overwrite, console=err_console if as_json else console, resume=resume)  # --json: stdout is the JSON only
+    if as_json and int(os.environ.get("RANK", "0")) == 0:
         _print_json(result)
 
 

@@ -1,15 +1,24 @@
 """The training path, straight through: recipe -> tokenizer -> data -> model -> method -> loop -> save.
 
-Runs on one CPU, one GPU, or many processes under `accelerate launch`; only the main process
-prints and writes. Methods plug in through `extra_loss` and `on_optimizer_step`, never by editing
-the loop.
+One `Trainer` with named parts: `setup` (model, method, data order, optimizer; everything that can fail
+fails here, before a previous run is deleted), `train_step` (one optimizer step), `evaluate`,
+`save_state` / `load_state` (checkpoints, peftcli.checkpoint) and `run`, the loop itself.
+
+Runs on one CPU, one GPU, or N processes (torchrun, `accelerate launch`, `peftcli train --num-processes N`):
+DDP over NCCL on GPUs, over gloo on CPUs. Only the main process prints and writes. Every process sees the
+same global batch order (peftcli.distributed), and the loss is normalised by the number of label tokens
+of the whole optimizer step over all processes and micro-batches, so N processes x b rows, 1 process x N*b
+rows and grad_accum N x b rows make the same update. Methods plug in through `extra_loss`,
+`on_optimizer_step` and `training_state`, never by editing the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -18,16 +27,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from peftcli import adapter_io
+from peftcli import adapter_io, checkpoint
 from peftcli.errors import UserError
 from peftcli.recipe import Recipe
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a NaN loss); the message names the step and the checkpoint kept."""
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is a file; choose another --output-dir")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output.dir: {path} already holds a run; pass --overwrite to replace it or choose another --output-dir")
+        hint = ", --resume to continue it" if checkpoint.latest(path) else ""
+        raise UserError(f"output.dir: {path} already holds a run; pass --overwrite to replace it{hint} or choose another --output-dir")
 
 
 def mmap_large_tensors() -> None:
@@ -51,188 +65,373 @@ def _scheduler(optimizer, cfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator, task: str) -> dict:
-    model.eval()
-    loss_sum, count, correct, seen = 0.0, 0, 0, 0
-    for batch in loader:
-        loss, logits = model(**batch)
-        if task == "seq-cls":
-            preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-            correct += (preds == labels).sum().item()
-            seen += labels.numel()
-            n = batch["labels"].numel()
+def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _recipe_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: bool = False,
+                 console=None):
+        from rich.console import Console
+
+        self.recipe, self.overwrite = recipe, overwrite
+        self.resume = resume or recipe.train.resume == "auto"
+        self.console = console or Console()
+        self.out_dir = Path(output_dir or recipe.output.dir)
+        self.tcfg, self.mcfg = recipe.train, recipe.model
+
+    # ------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        from accelerate.utils import gather_object, set_seed
+
+        from peftcli.data import Collator, prepare
+        from peftcli.distributed import GlobalBatches, label_count, make_accelerator, single_process_launch_warning
+        from peftcli.loss import LossModel
+        from peftcli.methods import build_method
+        from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
+
+        quiet_transformers()
+        tcfg, mcfg, out_dir = self.tcfg, self.mcfg, self.out_dir
+        if not self.resume:
+            check_output_dir(out_dir, self.overwrite)
+        if tcfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+        self.accelerator = acc = make_accelerator(tcfg.mixed_precision, tcfg.distributed, tcfg.deepspeed_config)
+        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.say = self.console.print if self.main else (lambda *a, **k: None)
+        if (warning := single_process_launch_warning()) is not None:
+            self.say(f"[yellow]warning:[/] {warning}")
+        set_seed(tcfg.seed)
+        if tcfg.mmap_large_tensors:
+            mmap_large_tensors()
+
+        # Cheap failures first: tokenizer and data before the (slow) model.
+        self.tokenizer = load_tokenizer(mcfg)
+        self.data = data = prepare(self.recipe.data, self.tokenizer, mcfg.task, seed=tcfg.seed)
+        loaded = load_model(mcfg, self.tokenizer, label_names=data.label_names, seed=tcfg.seed)
+        self.inner = model = loaded.model
+        base_fp = fingerprint(model, exclude=loaded.new_modules)
+        self.method = method = build_method(self.recipe.method_options)
+        method.apply(model, mcfg.task, also_save=loaded.new_modules)
+        if tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+
+        self.batches = GlobalBatches(len(data.train), tcfg.batch_size, self.world, tcfg.grad_accum, tcfg.seed)
+        self.counts = [label_count(ex) for ex in data.train]
+        self.eval_counts = [label_count(ex) for ex in data.eval] if data.eval else []
+        self.total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * self.batches.steps_per_epoch))
+        method.validate_training(self.total_steps)
+        if tcfg.generation_eval is not None:
+            from peftcli import generation
+
+            if hasattr(generation, "check_generation_eval"):
+                generation.check_generation_eval(self.recipe, data)
+        self.recipe_resolved = self.recipe.resolved()
+        self.start_ckpt = self._find_checkpoint()
+
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in model.parameters())
+        eff = self.batches.global_size
+        self.say(f"[bold]{method.name}[/] on {mcfg.name_or_path}: {n_train:,} trainable of {n_total:,} parameters "
+                 f"({100 * n_train / n_total:.4f}%), {len(data.train)} train / {len(data.eval or [])} eval examples"
+                 + (f", {data.dropped} rows dropped (prompt longer than data.max_length)" if data.dropped else "")
+                 + f"; {self.world} process{'es' if self.world > 1 else ''} ({acc.distributed_type.value}, {acc.device.type}), "
+                 f"effective batch {eff} = {tcfg.batch_size} per process x {self.world} x {tcfg.grad_accum} accumulation")
+
+        # Everything that can fail on the user's input has run: only now may the old run go.
+        if self.main and self.overwrite and self.start_ckpt is None and out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        if self.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+
+        self.collate = Collator(self.tokenizer.pad_token_id,
+                                self.recipe.data.max_length if self.recipe.data.padding == "max_length" else None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        # the scheduler stays unprepared: Accelerate would step it once per process per optimizer step
+        self.scheduler = _scheduler(optimizer, tcfg, self.total_steps)
+        self.model, self.optimizer = acc.prepare(LossModel(model, mcfg.task), optimizer)
+        self.loss_model = acc.unwrap_model(self.model)  # for evaluation: no DDP collectives on uneven shards
+
+        processes = gather_object([{
+            "rank": acc.process_index, "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            "pid": os.getpid(), "device": str(acc.device)}])
+        self.meta = {
+            "base": {"name_or_path": mcfg.name_or_path, "gguf_file": mcfg.gguf_file, "task": mcfg.task, "dtype": mcfg.dtype,
+                     "fingerprint": base_fp, "label_names": data.label_names, "new_modules": loaded.new_modules,
+                     "trust_remote_code": mcfg.trust_remote_code},
+            "trainable_params": n_train, "total_params": n_total,
+            "num_processes": self.world, "effective_batch": eff,
+            "distributed": {"type": acc.distributed_type.value, "mode": tcfg.distributed if self.world > 1 else None,
+                            "processes": processes},
+        }
+        self.recipe_yaml = yaml.safe_dump(self.recipe_resolved, sort_keys=False)
+
+    def _find_checkpoint(self) -> Path | None:
+        if not self.resume:
+            return None
+        out = self.out_dir
+        if (out / adapter_io.META).is_file():
+            if self.overwrite:
+                return None
+            raise UserError(f"output.dir: {out} holds a finished run; pass --overwrite to train again")
+        ckpt = checkpoint.latest(out)
+        if ckpt is None:
+            if out.is_dir() and any(p.name != "checkpoints" for p in out.iterdir()):
+                raise UserError(f"--resume: {out} has no complete checkpoint to continue from; pass --overwrite to start over")
+            self.say(f"no checkpoint in {out}: starting from step 0")
+            return None
+        try:
+            saved = yaml.safe_load((ckpt / adapter_io.RECIPE).read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume: {ckpt} has no readable {adapter_io.RECIPE}; pass --overwrite to start over")
+        mine = {k: v for k, v in self.recipe_resolved.items()}
+        mine["train"] = {**mine["train"], "resume": saved.get("train", {}).get("resume")}
+        diff = _recipe_diff(saved, mine)
+        if diff:
+            raise UserError(f"--resume: the recipe differs from the one {ckpt} was trained with at {', '.join(diff[:5])}; "
+                            "resume with the same recipe or pass --overwrite to start over")
+        return ckpt
+
+    # ------------------------------------------------------------- one optimizer step
+    def _batch(self, rows: list[dict]) -> dict:
+        return {k: v.to(self.accelerator.device) for k, v in self.collate(rows).items()}
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step number `step + 1` over this process's micro-batches of global batch `step`.
+        Returns the step's mean loss over all its label tokens (all processes), its tokens, and whether the
+        update was skipped (train.on_nan: skip)."""
+        acc, tcfg, data = self.accelerator, self.tcfg, self.data
+        micro = self.batches.micro_batches(step, self.rank)
+        total = sum(self.counts[i] for i in self.batches.step_indices(step))  # over all processes
+        scale = self.world / max(total, 1)  # DDP averages over processes: undo it, then divide by the step's tokens
+        nan_fault = checkpoint.fault("nan_at_step") == step + 1
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = 0
+        self.model.train()
+        for m, idx in enumerate(micro):
+            batch = self._batch([data.train[i] for i in idx])
+            n = sum(self.counts[i] for i in idx)
+            sync = m == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                mean, _ = self.model(**batch)
+                part = mean.float() * n if n else mean.float().nan_to_num() * 0.0  # an all-masked micro-batch adds nothing
+                if nan_fault:
+                    part = part * float("nan")
+                loss = part * scale
+                extra = self.method.extra_loss(self.inner)
+                if extra is not None:
+                    loss = loss + extra / len(micro)
+                acc.backward(loss)
+            loss_sum += part.detach()
+            tokens += int(batch["attention_mask"].sum())
+        stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=acc.device)])
+        if self.world > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        step_loss, tokens = (stats[0] / max(total, 1)).item(), int(stats[1].item())
+        norm = acc.clip_grad_norm_(self.params, tcfg.max_grad_norm) if tcfg.max_grad_norm else None
+        finite = math.isfinite(step_loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
+        skipped = False
+        if not finite:
+            if tcfg.on_nan == "stop":
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingStopped(self._nan_message(step + 1, step_loss))
+            skipped = True  # the data position and the schedule go on; the weights stay
         else:
-            n = (batch["labels"][:, 1:] != -100).sum().item()
-        loss_sum += loss.item() * n
-        count += n
-    model.train()
-    result = {"eval_loss": loss_sum / max(count, 1)}
-    if task == "seq-cls":
-        result["eval_accuracy"] = correct / max(seen, 1)
-    return result
+            self.optimizer.step()
+            self.method.on_optimizer_step(self.inner, step + 1, self.total_steps)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": step_loss, "tokens": tokens, "skipped": skipped}
 
+    def _nan_message(self, step: int, value: float) -> str:
+        last = checkpoint.latest(self.out_dir)
+        keep = (f"the last good checkpoint {last} is kept (resume it with --resume after lowering train.lr)"
+                if last else "no checkpoint was written yet")
+        return f"loss became {value} at step {step}; {keep}, or set train.on_nan: skip to skip such updates"
 
-def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> dict:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from rich.console import Console
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Eval loss (mean over label tokens) and seq-cls accuracy over all processes' shards."""
+        from peftcli.distributed import shard
 
-    from peftcli.data import Collator, prepare
-    from peftcli.generation import generation_eval
-    from peftcli.loss import LossModel
-    from peftcli.methods import build_method
-    from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
-    from peftcli.progress import TrainProgress
+        acc, data = self.accelerator, self.data
+        bs = self.tcfg.eval_batch_size or self.tcfg.batch_size
+        rows = shard(len(data.eval), self.rank, self.world)
+        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, label terms, correct, seen
+        self.loss_model.eval()
+        for a in range(0, len(rows), bs):
+            idx = rows[a:a + bs]
+            batch = self._batch([data.eval[i] for i in idx])
+            mean, logits = self.loss_model(**batch)
+            n = sum(self.eval_counts[i] for i in idx)
+            if n:
+                sums[0] += mean.double() * n
+                sums[1] += n
+            if self.mcfg.task == "seq-cls":
+                sums[2] += (logits.argmax(-1) == batch["labels"]).sum()
+                sums[3] += batch["labels"].numel()
+        self.loss_model.train()
+        if self.world > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        result = {"eval_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if self.mcfg.task == "seq-cls":
+            result["eval_accuracy"] = (sums[2] / sums[3].clamp(min=1)).item()
+        return result
 
-    quiet_transformers()
-    console = console or Console()
-    tcfg, mcfg = recipe.train, recipe.model
-    out_dir = Path(output_dir or recipe.output.dir)
-    check_output_dir(out_dir, overwrite)
-    if tcfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
-    # accelerate keeps one global state per process; a second run in the same process (tests, notebooks)
-    # may ask for another precision, so forget the previous run's (the process group stays).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum)
-    main = accelerator.is_main_process
-    say = console.print if main else (lambda *a, **k: None)
-    set_seed(tcfg.seed)
-    if tcfg.mmap_large_tensors:
-        mmap_large_tensors()
+    # ------------------------------------------------------------- checkpoints
+    def save_state(self, step: int) -> None:
+        def write_main(tmp: Path) -> None:
+            adapter_io.write_adapter(tmp, self.method, self.inner, {**self.meta, "step": step}, self.recipe_yaml)
+            state = {
+                "step": step, "num_processes": self.world, "effective_batch": self.batches.global_size,
+                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.inner.named_parameters() if p.requires_grad},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "method": self.method.training_state(self.inner),
+            }
+            checkpoint._torch_save(state, tmp / checkpoint.STATE)
 
-    # Cheap failures first: tokenizer and data before the (slow) model.
-    tokenizer = load_tokenizer(mcfg)
-    data = prepare(recipe.data, tokenizer, mcfg.task, seed=tcfg.seed)
-    loaded = load_model(mcfg, tokenizer, label_names=data.label_names, seed=tcfg.seed)
-    model = loaded.model
-    base_fp = fingerprint(model, exclude=loaded.new_modules)
-    method = build_method(recipe.method_options)
-    method.apply(model, mcfg.task, also_save=loaded.new_modules)
-    if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    say(f"[bold]{method.name}[/] on {mcfg.name_or_path}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / n_total:.4f}%), {len(data.train)} train / {len(data.eval or [])} eval examples"
-        + (f", {data.dropped} rows dropped (prompt longer than data.max_length)" if data.dropped else ""))
+        checkpoint.save(self.out_dir, step, self.accelerator, write_main, self.tcfg.keep_checkpoints)
 
-    if overwrite and main and out_dir.is_dir():
-        shutil.rmtree(out_dir)  # only now: a recipe that fails validation never costs the old run
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    recipe_yaml = yaml.safe_dump(recipe.resolved(), sort_keys=False)
+    def load_state(self, ckpt: Path) -> int:
+        state, rng = checkpoint.load_state(ckpt, self.rank)
+        if state.get("num_processes") != self.world:
+            raise UserError(f"--resume: {ckpt} was written by {state.get('num_processes')} process(es), this run has "
+                            f"{self.world}; resume with the same number of processes")
+        params = dict(self.inner.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                if name not in params:
+                    raise UserError(f"--resume: {ckpt} does not fit this model (no parameter {name}); pass --overwrite to start over")
+                params[name].copy_(value.to(params[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_training_state(self.inner, state["method"])
+        checkpoint.set_rng_state(rng)
+        return int(state["step"])
 
-    collate = Collator(tokenizer.pad_token_id, recipe.data.max_length if recipe.data.padding == "max_length" else None)
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    train_dl = torch.utils.data.DataLoader(data.train, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
-                                           generator=generator, num_workers=tcfg.num_workers)
-    eval_dl = (torch.utils.data.DataLoader(data.eval, batch_size=tcfg.eval_batch_size or tcfg.batch_size, collate_fn=collate)
-               if data.eval else None)
-    updates_per_epoch = max(1, math.ceil(len(train_dl) / (tcfg.grad_accum * accelerator.num_processes)))
-    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * updates_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = _scheduler(optimizer, tcfg, total_steps)
-    inner = model
-    model, optimizer, train_dl, scheduler = accelerator.prepare(LossModel(model, mcfg.task), optimizer, train_dl, scheduler)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
+    # ------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        from peftcli.generation import generation_eval
+        from peftcli.progress import TrainProgress
 
-    meta = {
-        "base": {"name_or_path": mcfg.name_or_path, "gguf_file": mcfg.gguf_file, "task": mcfg.task, "dtype": mcfg.dtype,
-                 "fingerprint": base_fp, "label_names": data.label_names, "new_modules": loaded.new_modules,
-                 "trust_remote_code": mcfg.trust_remote_code},
-        "trainable_params": n_train, "total_params": n_total,
-    }
-    metrics_path = out_dir / "metrics.jsonl"
+        self.setup()
+        tcfg, acc, data, out_dir = self.tcfg, self.accelerator, self.data, self.out_dir
+        metrics_path = out_dir / "metrics.jsonl"
+        summary: dict = {}
+        step = 0
+        if self.start_ckpt is not None:
+            step = self.load_state(self.start_ckpt)
+            if self.main:
+                checkpoint.remove_partial(out_dir)
+                summary.update(self._trim_metrics(metrics_path, step))
+            self.say(f"resumed from {self.start_ckpt} at step {step} of {self.total_steps}")
 
-    def log(entry: dict) -> None:
-        if main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+        def log(entry: dict) -> None:
+            if self.main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
 
-    summary: dict = {}
-    gen_cfg = tcfg.generation_eval
-    if gen_cfg and gen_cfg.before and data.eval_rows and main:
-        before = generation_eval(inner, tokenizer, recipe.data, data.eval_rows, gen_cfg)
-        summary["generation_before"] = before["score"]
-        say(f"generation eval before training: {gen_cfg.metric} = {before['score']:.3f} on {before['n']} examples")
-        log({"step": 0, "generation_score": before["score"]})
+        gen_cfg = tcfg.generation_eval
+        if gen_cfg and gen_cfg.before and data.eval_rows and self.main and step == 0:
+            before = generation_eval(self.inner, self.tokenizer, self.recipe.data, data.eval_rows, gen_cfg)
+            summary["generation_before"] = before["score"]
+            self.say(f"generation eval before training: {gen_cfg.metric} = {before['score']:.3f} on {before['n']} examples")
+            log({"step": 0, "generation_score": before["score"]})
 
-    model.train()
-    step, tokens, t0 = 0, 0, time.perf_counter()
-    last_loss = float("nan")
-    window_tokens, window_t = 0, time.perf_counter()
-    progress = TrainProgress(total_steps, enabled=main, console=console)
-    with progress:
-        while step < total_steps:
-            for batch in train_dl:
-                with accelerator.accumulate(model):
-                    task_loss, _ = model(**batch)
-                    loss = task_loss
-                    extra = method.extra_loss(inner)
-                    if extra is not None:
-                        loss = loss + extra
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and tcfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        method.on_optimizer_step(inner, step + 1, total_steps)
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batch_tokens = int(batch["attention_mask"].sum()) * accelerator.num_processes
-                tokens += batch_tokens
-                window_tokens += batch_tokens
-                last_loss = task_loss.item()
-                if not accelerator.sync_gradients:
-                    continue
+        delay = checkpoint.fault("step_delay") or 0.0
+        tokens, t0 = 0, time.perf_counter()
+        last_loss, skipped = float("nan"), 0
+        progress = TrainProgress(self.total_steps, enabled=self.main, console=self.console)
+        with progress:
+            while step < self.total_steps:
+                t_step = time.perf_counter()
+                result = self.train_step(step)
                 step += 1
+                if delay:
+                    time.sleep(delay)
                 now = time.perf_counter()
-                tps = window_tokens / max(now - window_t, 1e-9)
-                window_tokens, window_t = 0, now
-                lr = scheduler.get_last_lr()[0]
+                tokens += result["tokens"]
+                tps = result["tokens"] / max(now - t_step, 1e-9)
+                lr = self.scheduler.get_last_lr()[0]
+                if result["skipped"]:
+                    skipped += 1
+                    log({"step": step, "skipped": "non-finite loss or gradient", "loss": str(result["loss"])})
+                    progress.note(f"step {step}: loss {result['loss']}, update skipped (train.on_nan: skip)")
+                else:
+                    last_loss = result["loss"]
                 progress.update(step, loss=last_loss, lr=lr, tps=tps)
-                if step % tcfg.log_every == 0 or step == total_steps:
+                if not result["skipped"] and (step % tcfg.log_every == 0 or step == self.total_steps):
                     log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps, "elapsed_s": now - t0})
-                if eval_dl is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                    result = evaluate(model, eval_dl, accelerator, mcfg.task)
-                    log({"step": step, **result})
-                    progress.note(_fmt_eval(step, result))
-                if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                    accelerator.wait_for_everyone()
-                    if main:
-                        adapter_io.write_checkpoint(out_dir, step, method, inner, meta)
-                if step >= total_steps:
-                    break
-    train_time = time.perf_counter() - t0
-    summary.update(steps=step, train_loss=last_loss, train_time_s=round(train_time, 2),
-                   tokens_per_s=round(tokens / max(train_time, 1e-9), 1))
-    if eval_dl is not None:
-        result = evaluate(model, eval_dl, accelerator, mcfg.task)
-        log({"step": step, **result})
-        summary.update(result)
-        say(_fmt_eval(step, result))
-    if gen_cfg and data.eval_rows and main:
-        after = generation_eval(inner, tokenizer, recipe.data, data.eval_rows, gen_cfg)
-        summary["generation_after"] = after["score"]
-        log({"step": step, "generation_score": after["score"]})
-        before_s = f"{summary['generation_before']:.3f} -> " if "generation_before" in summary else ""
-        say(f"generation eval ({gen_cfg.metric}, {after['n']} held-out examples): {before_s}{after['score']:.3f}")
-        for ex in after["examples"][:2]:
-            say(f"  [dim]output:[/]    {ex['output'][:120]}\n  [dim]reference:[/] {ex['reference'][:120]}")
-    accelerator.wait_for_everyone()
-    if main:
-        meta["metrics"] = summary
-        adapter_io.write_adapter(out_dir, method, inner, meta, recipe_yaml)
-        say(f"adapter written to [bold]{out_dir}[/] ({(out_dir / adapter_io.WEIGHTS).stat().st_size:,} bytes) "
-            f"in {train_time:.1f}s, {summary['tokens_per_s']:.0f} tokens/s")
-    accelerator.end_training()
-    return {"output_dir": str(out_dir), **summary}
+                if data.eval and tcfg.eval_every and step % tcfg.eval_every == 0 and step < self.total_steps:
+                    ev = self.evaluate()
+                    log({"step": step, **ev})
+                    progress.note(_fmt_eval(step, ev))
+                if tcfg.save_every and step % tcfg.save_every == 0 and step < self.total_steps:
+                    self.save_state(step)
+        train_time = time.perf_counter() - t0
+        summary.update(steps=step, train_loss=last_loss, train_time_s=round(train_time, 2),
+                       tokens_per_s=round(tokens / max(train_time, 1e-9), 1), num_processes=self.world,
+                       effective_batch=self.batches.global_size)
+        if skipped:
+            summary["skipped_steps"] = skipped
+        if data.eval:
+            ev = self.evaluate()
+            log({"step": step, **ev})
+            summary.update(ev)
+            self.say(_fmt_eval(step, ev))
+        if gen_cfg and data.eval_rows and self.main:
+            after = generation_eval(self.inner, self.tokenizer, self.recipe.data, data.eval_rows, gen_cfg)
+            summary["generation_after"] = after["score"]
+            log({"step": step, "generation_score": after["score"]})
+            before_s = f"{summary['generation_before']:.3f} -> " if "generation_before" in summary else ""
+            self.say(f"generation eval ({gen_cfg.metric}, {after['n']} held-out examples): {before_s}{after['score']:.3f}")
+            for ex in after["examples"][:2]:
+                self.say(f"  [dim]output:[/]    {ex['output'][:120]}\n  [dim]reference:[/] {ex['reference'][:120]}")
+        acc.wait_for_everyone()
+        if self.main:
+            adapter_io.write_adapter(out_dir, self.method, self.inner, {**self.meta, "metrics": summary}, self.recipe_yaml)
+            self.say(f"adapter written to [bold]{out_dir}[/] ({(out_dir / adapter_io.WEIGHTS).stat().st_size:,} bytes) "
+                     f"in {train_time:.1f}s, {summary['tokens_per_s']:.0f} tokens/s")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return {"output_dir": str(out_dir), **summary}
+
+    @staticmethod
+    def _trim_metrics(path: Path, step: int) -> dict:
+        """Drop what a killed run logged after its last checkpoint; recover the before-training score."""
+        if not path.is_file():
+            return {}
+        kept, found = [], {}
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if entry.get("step", 0) <= step:
+                kept.append(line)
+                if entry.get("step") == 0 and "generation_score" in entry:
+                    found["generation_before"] = entry["generation_score"]
+        adapter_io.atomic_write(path, "".join(line + "\n" for line in kept))
+        return found
+
+
+def run_training(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None,
+                 resume: bool = False) -> dict:
+    return Trainer(recipe, output_dir, overwrite, resume, console).run()
 
 
 def _fmt_eval(step: int, result: dict) -> str:

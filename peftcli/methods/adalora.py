@@ -201,15 +201,19 @@ class AdaLoRA(LoRA):
         total = sum(w.orth_penalty() for w in mods)
         return self.opts.orth_reg_weight * total / (2 * len(mods))
 
+    def validate_training(self, total_steps: int) -> None:
+        o = self.opts
+        if o.tinit >= total_steps - o.tfinal:
+            raise UserError(
+                f"method.tinit ({o.tinit}) + method.tfinal ({o.tfinal}) leave no pruning phase in {total_steps} "
+                "training steps; lower them or train longer"
+            )
+
     def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         o = self.opts
         wrappers = self.wrappers(model)
         if self.allocator is None:
-            if o.tinit >= total_steps - o.tfinal:
-                raise UserError(
-                    f"adalora: tinit ({o.tinit}) + tfinal ({o.tfinal}) leave no pruning phase in {total_steps} "
-                    "training steps; lower them or train longer"
-                )
+            self.validate_training(total_steps)
             self.allocator = _RankAllocator(o, wrappers)
         self.total_steps = total_steps
         alloc = self.allocator
@@ -222,6 +226,30 @@ class AdaLoRA(LoRA):
                 alloc.ipt.clear(), alloc.unc.clear()  # mask fixed from here on (PEFT)
         for w in wrappers.values():
             w.apply_mask()
+
+    def training_state(self, model: nn.Module) -> dict[str, Any]:
+        """Rank masks, importance EMAs (by parameter name) and budget: what an exact resume needs."""
+        wrappers = self.wrappers(model)
+        state: dict[str, Any] = {"masks": {p: w.rank_mask.detach().cpu().clone() for p, w in wrappers.items()},
+                                 "total_steps": self.total_steps}
+        alloc = self.allocator
+        if alloc is not None:
+            names = {id(getattr(w, n)): f"{p}.{n}" for p, w in wrappers.items() for n in ("lora_A", "lora_E", "lora_B")}
+            state.update(budget=alloc.budget, ipt={names[k]: v.cpu().clone() for k, v in alloc.ipt.items()},
+                         unc={names[k]: v.cpu().clone() for k, v in alloc.unc.items()})
+        return state
+
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        wrappers = self.wrappers(model)
+        for path, mask in state.get("masks", {}).items():
+            wrappers[path].rank_mask.copy_(mask)
+        self.total_steps = state.get("total_steps")
+        if "budget" in state:
+            self.allocator = alloc = _RankAllocator(self.opts, wrappers)
+            alloc.budget = state["budget"]
+            params = {f"{p}.{n}": getattr(w, n) for p, w in wrappers.items() for n in ("lora_A", "lora_E", "lora_B")}
+            alloc.ipt = {id(params[k]): v.to(params[k].device) for k, v in state["ipt"].items()}
+            alloc.unc = {id(params[k]): v.to(params[k].device) for k, v in state["unc"].items()}
 
     # ------------------------------------------------------------- storage
     def _kept(self, w: SVDLinear) -> torch.Tensor:

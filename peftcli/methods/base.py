@@ -125,6 +125,17 @@ class Method:
     def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after each optimizer step, before gradients are zeroed."""
 
+    def validate_training(self, total_steps: int) -> None:
+        """Raise UserError if the options cannot work for a run of `total_steps` optimizer steps; called
+        before anything is written or deleted."""
+
+    def training_state(self, model: nn.Module) -> dict[str, Any]:
+        """State beyond the trainable parameters that an exact resume needs (EMAs, masks, budgets)."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Put back what `training_state` returned."""
+
     # ------------------------------------------------------------- storage
     def wrappers(self, model: nn.Module) -> dict[str, AdapterModule]:
         return {n: model.get_submodule(n) for n in self.wrapped}

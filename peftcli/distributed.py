@@ -1,0 +1,140 @@
+"""Processes and batches: the Accelerator for this machine, the hand-over to Accelerate's launcher, and
+the global batch order that makes N processes x b rows, 1 process x N*b rows and grad_accum k x b rows
+the same optimizer step.
+
+Batches are cut from one seeded permutation per epoch that does not depend on the number of processes:
+optimizer step s takes the global batch of G = batch_size x num_processes x grad_accum rows at
+[s*G, (s+1)*G) of the epoch's order (the last one of an epoch wraps to its start, as torch's
+DistributedSampler pads), and micro-batch m of rank r is its slice [(m*N + r)*b, (m*N + r + 1)*b). So the
+data position of a run is just its step count: resuming needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from peftcli.errors import UserError
+
+IGNORE = -100
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_config: str | None = None):
+    """One process, DDP over NCCL (GPUs) or gloo (CPUs, `cpu=True` picks MULTI_CPU), or FSDP2."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate keeps one global state per process; a second run in the same process (tests, notebooks)
+    # may ask for another precision, so forget the previous run's (the process group stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    kw: dict = {"mixed_precision": mixed_precision, "cpu": not has_gpu(),
+                "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if distributed == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                           auto_wrap_policy="transformer_based_wrap")
+    elif distributed == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("train.distributed: deepspeed needs the deepspeed package (pip install deepspeed) and GPUs; "
+                            "use train.distributed: ddp or fsdp")
+        from accelerate.utils import DeepSpeedPlugin
+
+        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config, zero_stage=2)
+    return Accelerator(**kw)
+
+
+def in_distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_command(num_processes: int, argv: list[str], mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` for N local processes running `peftcli <argv>`. Its multi-process launcher is
+    torchrun's; on a machine without GPUs peftcli then picks gloo (Accelerate's own --cpu launcher starts one
+    process only)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", "0", "-m", "peftcli", *argv]
+
+
+def single_process_launch_warning() -> str | None:
+    """`accelerate launch --num_processes N` without --multi_gpu on a machine without GPUs runs ONE process;
+    say so instead of training N times slower than the user thinks."""
+    if in_distributed_launch() or "ACCELERATE_USE_CPU" not in os.environ:
+        return None
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid()).cmdline()
+    except Exception:
+        return None
+    args = " ".join(parent)
+    if "launch" not in args or "--num_processes" not in parent:
+        return None
+    try:
+        n = int(parent[parent.index("--num_processes") + 1])
+    except (ValueError, IndexError):
+        return None
+    if n <= 1:
+        return None
+    return (f"accelerate launch asked for {n} processes but started one (its --cpu launcher is single-process); "
+            f"for {n} processes use `peftcli train RECIPE --num-processes {n}`, `torchrun --nproc_per_node {n} -m peftcli "
+            f"train RECIPE` or `accelerate launch --multi_gpu --num_processes {n} -m peftcli train RECIPE`")
+
+
+def label_count(example: dict) -> int:
+    """Loss terms one example contributes: its next-token targets (labels[1:]) or 1 for a class label."""
+    labels = example["labels"]
+    if isinstance(labels, list):
+        return sum(1 for t in labels[1:] if t != IGNORE)
+    return 1
+
+
+@dataclass
+class GlobalBatches:
+    n_rows: int
+    batch_size: int  # per process, per micro-batch
+    num_processes: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def global_size(self) -> int:
+        return self.batch_size * self.num_processes * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.global_size))
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_rows, generator=g)
+
+    def step_indices(self, step: int) -> list[int]:
+        """Row indices of optimizer step `step` (0-based), all processes and micro-batches together."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        start = j * self.global_size
+        return [int(order[(start + t) % self.n_rows]) for t in range(self.global_size)]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's grad_accum micro-batches of step `step`."""
+        idx = self.step_indices(step)
+        b, n = self.batch_size, self.num_processes
+        return [idx[(m * n + rank) * b:(m * n + rank + 1) * b] for m in range(self.grad_accum)]
+
+
+def shard(n_rows: int, rank: int, num_processes: int) -> list[int]:
+    """Rows of an evaluation set for this rank (strided; every row once over all ranks)."""
+    return list(range(rank, n_rows, num_processes))
