@@ -38,7 +38,11 @@ def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_c
     AcceleratorState._reset_state(reset_partial_state=False)
     kw: dict = {"mixed_precision": mixed_precision, "cpu": not has_gpu(),
                 "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
-    if distributed == "fsdp":
+    if distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not has_gpu():
+            # Accelerate enables FSDP for GPU backends only and would silently fall back to DDP
+            raise UserError("train.distributed: fsdp runs on GPUs only (Accelerate does not shard over gloo); "
+                            "use train.distributed: ddp on CPU machines")
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
@@ -49,9 +53,10 @@ def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_c
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("train.distributed: deepspeed needs the deepspeed package (pip install deepspeed) and GPUs; "
                             "use train.distributed: ddp or fsdp")
-        from accelerate.utils import DeepSpeedPlugin
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate.utils import DeepSpeedPlugin
 
-        kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config, zero_stage=2)
+            kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config, zero_stage=2)
     return Accelerator(**kw)
 
 
@@ -63,9 +68,31 @@ def launch_command(num_processes: int, argv: list[str], mixed_precision: str = "
     """`accelerate launch` for N local processes running `peftcli <argv>`. Its multi-process launcher is
     torchrun's; on a machine without GPUs peftcli then picks gloo (Accelerate's own --cpu launcher starts one
     process only)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+    return [sys.executable, "-m", "peftcli.distributed", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
             "--main_process_port", "0", "-m", "peftcli", *argv]
+
+
+def launch_main(args: list[str]) -> int:
+    """Accelerate's `launch`, with one change: a failed process ends the launcher with that process's exit
+    code (2 for a user error, whose one line the process already printed) instead of torchrun's traceback."""
+    import logging
+
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        accelerate_launch(launch_command_parser().parse_args(args))
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values() if f.exitcode and f.exitcode > 0]
+        return codes[0] if codes else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch_main(sys.argv[1:]))
 
 
 def single_process_launch_warning() -> str | None:

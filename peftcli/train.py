@@ -92,8 +92,7 @@ class Trainer:
         from accelerate.utils import gather_object, set_seed
 
         from peftcli.data import Collator, prepare
-        from peftcli.distributed import GlobalBatches, label_count, make_accelerator, single_process_launch_warning
-        from peftcli.loss import LossModel
+        from peftcli.distributed import make_accelerator, single_process_launch_warning
         from peftcli.methods import build_method
         from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
 
@@ -124,11 +123,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
 
-        self.batches = GlobalBatches(len(data.train), tcfg.batch_size, self.world, tcfg.grad_accum, tcfg.seed)
-        self.counts = [label_count(ex) for ex in data.train]
-        self.eval_counts = [label_count(ex) for ex in data.eval] if data.eval else []
-        self.total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * self.batches.steps_per_epoch))
-        method.validate_training(self.total_steps)
+        self._plan()
         if tcfg.generation_eval is not None:
             from peftcli import generation
 
@@ -153,14 +148,8 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
 
-        self.collate = Collator(self.tokenizer.pad_token_id,
-                                self.recipe.data.max_length if self.recipe.data.padding == "max_length" else None)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        # the scheduler stays unprepared: Accelerate would step it once per process per optimizer step
-        self.scheduler = _scheduler(optimizer, tcfg, self.total_steps)
-        self.model, self.optimizer = acc.prepare(LossModel(model, mcfg.task), optimizer)
-        self.loss_model = acc.unwrap_model(self.model)  # for evaluation: no DDP collectives on uneven shards
+        self._assemble(Collator(self.tokenizer.pad_token_id,
+                                self.recipe.data.max_length if self.recipe.data.padding == "max_length" else None))
 
         processes = gather_object([{
             "rank": acc.process_index, "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
@@ -176,6 +165,48 @@ class Trainer:
                             "processes": processes},
         }
         self.recipe_yaml = yaml.safe_dump(self.recipe_resolved, sort_keys=False)
+
+    def _plan(self) -> None:
+        """The global batch order and the step count; the method checks it can work with them."""
+        from peftcli.distributed import GlobalBatches, label_count
+
+        tcfg, data = self.tcfg, self.data
+        self.batches = GlobalBatches(len(data.train), tcfg.batch_size, self.world, tcfg.grad_accum, tcfg.seed)
+        self.counts = [label_count(ex) for ex in data.train]
+        self.eval_counts = [label_count(ex) for ex in data.eval] if data.eval else []
+        self.total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * self.batches.steps_per_epoch))
+        self.method.validate_training(self.total_steps)
+
+    def _assemble(self, collate) -> None:
+        """Optimizer and schedule on the trainable parameters; the loss model wrapped by Accelerate."""
+        from peftcli.loss import LossModel
+
+        self.collate = collate
+        params = [p for p in self.inner.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        # the scheduler stays unprepared: Accelerate would step it once per process per optimizer step
+        self.scheduler = _scheduler(optimizer, self.tcfg, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(LossModel(self.inner, self.mcfg.task), optimizer)
+        self.params = [p for p in self.inner.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
+        self.loss_model = self.accelerator.unwrap_model(self.model)  # evaluation: no DDP collectives on uneven shards
+
+    @classmethod
+    def for_model(cls, model, method, rows: list[dict], task: str = "causal-lm", pad_id: int = 0, **train) -> Trainer:
+        """A trainer on an in-memory model with `method` applied and tokenized rows ({input_ids, labels}):
+        the same train_step as `peftcli train`, for tests and notebooks. `train`: train.* recipe keys."""
+        from peftcli.data import Collator, Prepared
+        from peftcli.distributed import make_accelerator
+        from peftcli.recipe import ModelCfg, TrainCfg
+
+        self = cls.__new__(cls)
+        self.tcfg, self.mcfg = TrainCfg(**train), ModelCfg(name_or_path="(in memory)", task=task)
+        self.accelerator = make_accelerator(self.tcfg.mixed_precision)
+        self.main, self.rank, self.world = True, 0, 1
+        self.inner, self.method, self.data = model, method, Prepared(rows, None)
+        self.out_dir = None
+        self._plan()
+        self._assemble(Collator(pad_id))
+        return self
 
     def _find_checkpoint(self) -> Path | None:
         if not self.resume:
@@ -257,7 +288,7 @@ class Trainer:
         return {"loss": step_loss, "tokens": tokens, "skipped": skipped}
 
     def _nan_message(self, step: int, value: float) -> str:
-        last = checkpoint.latest(self.out_dir)
+        last = checkpoint.latest(self.out_dir) if self.out_dir is not None else None
         keep = (f"the last good checkpoint {last} is kept (resume it with --resume after lowering train.lr)"
                 if last else "no checkpoint was written yet")
         return f"loss became {value} at step {step}; {keep}, or set train.on_nan: skip to skip such updates"
@@ -294,12 +325,15 @@ class Trainer:
 
     # ------------------------------------------------------------- checkpoints
     def save_state(self, step: int) -> None:
+        # gathered on every process (collectives under FSDP), written by the main one
+        tensors = adapter_io.adapter_tensors(self.method, self.inner)
+        trainable = {n: adapter_io.full_tensor(p) for n, p in self.inner.named_parameters() if p.requires_grad}
+
         def write_main(tmp: Path) -> None:
-            adapter_io.write_adapter(tmp, self.method, self.inner, {**self.meta, "step": step}, self.recipe_yaml)
+            adapter_io.write_adapter(tmp, self.method, self.inner, {**self.meta, "step": step}, self.recipe_yaml, tensors)
             state = {
                 "step": step, "num_processes": self.world, "effective_batch": self.batches.global_size,
-                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.inner.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "trainable": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "method": self.method.training_state(self.inner),
             }
             checkpoint._torch_save(state, tmp / checkpoint.STATE)
@@ -401,9 +435,9 @@ class Trainer:
             self.say(f"generation eval ({gen_cfg.metric}, {after['n']} held-out examples): {before_s}{after['score']:.3f}")
             for ex in after["examples"][:2]:
                 self.say(f"  [dim]output:[/]    {ex['output'][:120]}\n  [dim]reference:[/] {ex['reference'][:120]}")
-        acc.wait_for_everyone()
+        tensors = adapter_io.adapter_tensors(self.method, self.inner)
         if self.main:
-            adapter_io.write_adapter(out_dir, self.method, self.inner, {**self.meta, "metrics": summary}, self.recipe_yaml)
+            adapter_io.write_adapter(out_dir, self.method, self.inner, {**self.meta, "metrics": summary}, self.recipe_yaml, tensors)
             self.say(f"adapter written to [bold]{out_dir}[/] ({(out_dir / adapter_io.WEIGHTS).stat().st_size:,} bytes) "
                      f"in {train_time:.1f}s, {summary['tokens_per_s']:.0f} tokens/s")
         acc.wait_for_everyone()

@@ -21,6 +21,7 @@ from transformers import (
 from peftcli.errors import UserError
 from peftcli.methods import build_method
 from peftcli.methods.said import _draw, _hadamard, _Projector, fwht
+from peftcli.train import Trainer
 
 H, LAYERS, VOCAB, INTER = 32, 2, 128, 64
 
@@ -110,21 +111,11 @@ def base_signature(model):
 
 
 def train(model, method, steps, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        out = model(input_ids=TOY, labels=TOY)
-        loss = out.loss
-        extra = method.extra_loss(model)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        opt.step()
-        method.on_optimizer_step(model, step, steps)
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+    """`steps` optimizer steps on TOY through peftcli's own train_step (constant lr, no clipping)."""
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in TOY]
+    trainer = Trainer.for_model(model, method, rows, max_steps=steps, batch_size=len(rows), lr=lr, scheduler="constant",
+                                warmup_steps=0, max_grad_norm=None)
+    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
     model.eval()
     return losses
 
@@ -194,17 +185,12 @@ def test_adalora_budget_reaches_target_and_ranks_are_reported_and_stored():
     method = build_method({"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 1,
                            "target_modules": ["query", "value", "intermediate.dense"]})
     method.apply(model, task="seq-cls")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    labels = torch.tensor([0, 1, 1, 0])
+    rows = [{"input_ids": ids.tolist(), "labels": label} for ids, label in zip(IDS, [0, 1, 1, 0], strict=True)]
     total, budgets = 12, []
-    for step in range(1, total + 1):
-        model.train()
-        loss = model(input_ids=IDS, labels=labels).loss + method.extra_loss(model)
-        loss.backward()
-        opt.step()
-        method.on_optimizer_step(model, step, total)
-        opt.zero_grad()
+    trainer = Trainer.for_model(model, method, rows, task="seq-cls", max_steps=total, batch_size=4, lr=1e-2,
+                                scheduler="constant", warmup_steps=0, max_grad_norm=None)
+    for step in range(total):
+        trainer.train_step(step)
         budgets.append(method.describe(model)["total_rank"])
     model.eval()
     n = len(method.wrapped)
