@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftcli import __version__
-from peftcli.errors import UserError
+from peftcli.errors import UserError, did_you_mean, one_line
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -116,41 +117,140 @@ class AdapterDir:
     path: Path
     config: dict
     meta: dict | None  # None for adapters written by other tools
+    options: object = None  # the method's validated options (set by read_adapter)
 
     @property
     def size_bytes(self) -> int:
         return (self.path / WEIGHTS).stat().st_size
 
 
+def _read_json(file: Path, what: str):
+    try:
+        data = json.loads(file.read_bytes())
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8 text
+        raise UserError(f"{file}: not valid JSON ({one_line(exc, 120)}); restore the file or re-export the adapter") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a JSON object ({what}), got a JSON {type(data).__name__}; "
+                        "restore the file or re-export the adapter")
+    return data
+
+
+class _MetaBase(BaseModel):
+    """The `base` section of peftcli.json (written by `peftcli train`)."""
+
+    model_config = ConfigDict(extra="allow")
+    name_or_path: str = Field(min_length=1)
+    gguf_file: str | None = None
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    fingerprint: str | None = None
+    label_names: list[str] | None = None
+    new_modules: list[str] | None = None
+    trust_remote_code: bool = False
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    method: dict[str, Any]
+    base: _MetaBase
+    saved_modules: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def _check_options(file: Path, options_cls, data: dict, prefix: tuple, fix: str):
+    from peftcli.recipe import _format_errors
+
+    try:
+        return options_cls.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{_format_errors(exc, options_cls, {}, str(file), prefix=prefix, data=data)}; {fix}") from None
+
+
+def adapter_options(path: Path, config: dict, meta: dict | None):
+    """The validated method options of an adapter directory: from peftcli.json, or for an adapter written
+    by another tool from adapter_config.json. Any problem is a UserError naming the file and the key."""
+    from peftcli.methods import available_methods, get_method
+
+    if meta is not None:
+        file, fix = path / META, "fix peftcli.json (or restore it from the run directory) or re-train"
+        _check_options(file, _Meta, meta, (), fix)
+        name = meta["method"].get("name")
+        if not isinstance(name, str) or name not in available_methods():
+            hint = did_you_mean(name, available_methods()) if isinstance(name, str) else ""
+            raise UserError(f"{file}: method.name {one_line(repr(name), 80)} is not a peftcli method{hint} "
+                            f"(known: {', '.join(available_methods())}); {fix}")
+        return _check_options(file, get_method(name).Options, meta["method"], ("method",), fix)
+    file = path / CONFIG
+    peft_type = config.get("peft_type")
+    if peft_type not in FOREIGN:
+        raise UserError(f"{file}: peft_type {one_line(repr(peft_type), 80)} is not supported "
+                        f"(supported: {', '.join(FOREIGN)}) and the directory has no {META}")
+    name = FOREIGN[peft_type](config)
+    fix = "fix the file or re-export the adapter"
+    try:
+        return get_method(name).from_adapter_config(config)
+    except KeyError as exc:
+        raise UserError(f"{file}: missing required field {one_line(repr(exc.args[0]), 80)} for a {peft_type} adapter; {fix}") from None
+    except ValidationError as exc:
+        from peftcli.recipe import _format_errors
+
+        # the options are built from PEFT's field names: name the field as the file spells it (lora_alpha, ...)
+        loc = exc.errors()[0]["loc"]
+        field = next((f"{p}_{loc[0]}" for p in ("lora", "init") if loc and f"{p}_{loc[0]}" in config), loc[0] if loc else None)
+        msg = _format_errors(exc, get_method(name).Options, {}, str(file))
+        if field and loc and field != loc[0]:
+            msg = msg.replace(f": {loc[0]}: ", f": {field}: ", 1)
+        raise UserError(f"{msg}; {fix}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{file}: not a valid {peft_type} adapter config ({one_line(exc, 120)}); {fix}") from None
+
+
+def _check_weights(file: Path) -> None:
+    """Parse the safetensors header, which also checks that the file is as long as the header says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError, OSError: a truncated, empty or foreign file
+        raise UserError(f"{file}: corrupt or truncated safetensors file ({one_line(exc, 120)}); "
+                        "re-export the adapter or re-train") from None
+
+
 def read_adapter(path: str | Path) -> AdapterDir:
+    """An adapter directory, checked before any model is loaded: JSON files parse, peftcli.json (when
+    present) has a known method with valid options and a base section, a foreign adapter_config.json has
+    the fields its method needs, and the weights file is a complete safetensors file."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"adapter directory {path} not found")
+        what = "is a file, not a directory" if path.exists() else "not found"
+        raise UserError(f"adapter directory {path} {what}")
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         hint = " (legacy adapter_model.bin is not supported; re-save it as safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise UserError(f"{path} is not an adapter directory: it needs {CONFIG} and {WEIGHTS}{hint}")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-        meta = json.loads((path / META).read_text()) if (path / META).is_file() else None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: corrupt JSON ({exc})") from None
-    return AdapterDir(path, config, meta)
+    config = _read_json(path / CONFIG, "the adapter config")
+    meta = _read_json(path / META, "peftcli's metadata") if (path / META).is_file() else None
+    adapter = AdapterDir(path, config, meta)
+    adapter.options = adapter_options(path, config, meta)
+    _check_weights(path / WEIGHTS)
+    return adapter
 
 
 def method_for(adapter: AdapterDir):
     """The method instance that reads this adapter's tensors."""
-    from peftcli.methods import build_method, get_method
+    from peftcli.methods import build_method
 
-    if adapter.meta is not None:
-        return build_method(adapter.meta["method"])
-    peft_type = adapter.config.get("peft_type")
-    if peft_type not in FOREIGN:
-        raise UserError(f"{adapter.path}: peft_type {peft_type!r} is not supported (supported: {', '.join(FOREIGN)})")
-    name = FOREIGN[peft_type](adapter.config)
-    return build_method(get_method(name).from_adapter_config(adapter.config))
+    return build_method(adapter.options if adapter.options is not None else adapter_options(adapter.path, adapter.config, adapter.meta))
 
 
 def load_tensors(adapter: AdapterDir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(adapter.path / WEIGHTS))
+    file = adapter.path / WEIGHTS
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError, OSError: truncated or damaged since read_adapter
+        raise UserError(f"{file}: corrupt or truncated safetensors file ({one_line(exc, 120)}); "
+                        "re-export the adapter or re-train") from None

@@ -37,16 +37,26 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            _say_once(f"[bold red]error:[/] {exc}")
+            _say_once(f"[bold red]error:[/] {_plain(exc)}")
             raise typer.Exit(2) from None
         except Exception as exc:
             label = {"MergeMismatch": "merge failed", "TrainingStopped": "training stopped"}.get(type(exc).__name__)
             if label is None:
                 raise
-            _say_once(f"[bold red]{label}:[/] {exc}")
+            _say_once(f"[bold red]{label}:[/] {_plain(exc)}")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _plain(exc: Exception) -> str:
+    """The message as literal text on one line: it quotes user input (keys, values, paths), where a
+    newline or rich markup ("[/]") would break the one-line error or raise inside rich."""
+    from rich.markup import escape
+
+    from peftcli.errors import one_line
+
+    return escape(one_line(exc, limit=2000))
 
 
 def _say_once(text: str) -> None:
@@ -54,7 +64,7 @@ def _say_once(text: str) -> None:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        err_console.print(text, highlight=False, soft_wrap=True)
+        err_console.print(text, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _print_json(obj) -> None:

@@ -7,12 +7,13 @@ Formats: `text` (language modelling on a text column), `alpaca` (instruction/inp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from peftcli.errors import UserError
+from peftcli.errors import UserError, one_line
 from peftcli.recipe import DataCfg, DataFile
 
 IGNORE = -100
@@ -37,12 +38,14 @@ def load_rows(df: DataFile, key: str, base_dir: Path | None = None):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse failures are logged as errors: ours is the one line
     path = Path(df.path).expanduser()
     if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
         path = base_dir / path
     suffix = path.suffix.lower()
     if path.exists() or suffix in LOADERS:
+        if path.is_dir():
+            raise UserError(f"{key}.path: {df.path} is a directory; give a data file ({', '.join(sorted(LOADERS))})")
         if not path.is_file():
             raise UserError(f"{key}.path: data file {df.path} not found (paths are relative to the current directory)")
         if suffix not in LOADERS:
@@ -51,17 +54,49 @@ def load_rows(df: DataFile, key: str, base_dir: Path | None = None):
         try:
             ds = datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train", keep_in_memory=True, **kw)
         except Exception as exc:  # datasets wraps parser errors in many types
-            raise UserError(f"{key}.path: cannot parse {path}: {str(exc).splitlines()[0][:200]}") from None
+            problem = _jsonl_problem(path) if path.suffix.lower() == ".jsonl" else None
+            raise UserError(f"{key}.path: cannot parse {path}: {problem or _first_line(exc, root=True)}; fix the file") from None
     else:
         try:
             ds = datasets.load_dataset(df.path, split=df.split)
         except Exception as exc:
-            raise UserError(f"{key}.path: {df.path} is neither a file nor a loadable dataset ({str(exc).splitlines()[0][:150]})") from None
+            raise UserError(f"{key}.path: {df.path} is neither a file nor a loadable dataset ({_first_line(exc, 150)})") from None
     if df.limit:
         ds = ds.select(range(min(df.limit, len(ds))))
     if len(ds) == 0:
         raise UserError(f"{key}.path: {df.path} has no rows")
     return ds
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not a JSON object, as 'line N: why' (None if none is)."""
+    import json
+
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    return f"line {n}, column {exc.colno}: {one_line(exc.msg, 120)}"
+                except ValueError as exc:  # bytes that are not UTF-8
+                    return f"line {n}: {one_line(exc, 120)}"
+                if not isinstance(row, dict):
+                    return f"line {n}: a JSON {type(row).__name__}, expected an object with the columns as keys"
+    except OSError:
+        return None
+    return None
+
+
+def _first_line(exc: Exception, limit: int = 200, root: bool = False) -> str:
+    """An exception's first non-empty line; its innermost cause's with `root` (datasets wraps the parser's
+    error in "An error occurred while generating the dataset") or when the outer one says nothing."""
+    while (root or not str(exc).strip()) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return one_line(lines[0] if lines else type(exc).__name__, limit)
 
 
 def _text_column(ds, df: DataFile, key: str) -> str:
@@ -86,6 +121,49 @@ def _check_columns(ds, fmt: str, df: DataFile, key: str) -> None:
         )
 
 
+def _kind(value) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def check_rows(ds, fmt: str, df: DataFile, key: str, text_col: str | None = None) -> None:
+    """Every row of `ds` has what its format renders (before any split, so row numbers are the file's,
+    1-based): strings where text goes, a list of {role, content} messages for chat, a label."""
+    where = lambda i: f"{key}: {df.path} row {i + 1}"  # noqa: E731
+    if fmt == "alpaca":
+        has_input = "input" in ds.column_names
+        for i, (ins, out, inp) in enumerate(zip(ds["instruction"], ds["output"],
+                                                ds["input"] if has_input else [None] * len(ds), strict=True)):
+            for col, value in (("instruction", ins), ("output", out)):
+                if not isinstance(value, str):
+                    raise UserError(f"{where(i)}: '{col}' is {_kind(value)}, expected text; fix the row or drop it")
+            if inp is not None and not isinstance(inp, str):
+                raise UserError(f"{where(i)}: 'input' is {_kind(inp)}, expected text or null; fix the row or drop it")
+    elif fmt == "chat":
+        for i, messages in enumerate(ds["messages"]):
+            if not isinstance(messages, list) or not messages:
+                raise UserError(f"{where(i)}: 'messages' is {_kind(messages) if messages != [] else 'empty'}, expected a "
+                                "list of {role, content} messages; fix the row or drop it")
+            for j, m in enumerate(messages):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise UserError(f"{where(i)}: message {j + 1} is not a {{role, content}} pair of strings "
+                                    f"(got {one_line(repr(m), 80)}); fix the row or drop it")
+            if messages[0]["role"] == "assistant":
+                raise UserError(f"{where(i)}: message 1 has role 'assistant'; a conversation starts with a system or user "
+                                "message; fix the row or drop it")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise UserError(f"{where(i)}: no message with role 'assistant', so nothing to learn; fix the row or drop it")
+    elif fmt in ("text", "classification") and text_col is not None:
+        for i, value in enumerate(ds[text_col]):
+            # classification texts go through str() (a numeric column is fine); language modelling needs text
+            if value is None or isinstance(value, dict | list) or (fmt == "text" and not isinstance(value, str)):
+                raise UserError(f"{where(i)}: '{text_col}' is {_kind(value)}, expected text; fix the row or drop it")
+        if fmt == "classification":
+            for i, value in enumerate(ds[df.label_column]):
+                if value is None or isinstance(value, dict | list):
+                    raise UserError(f"{where(i)}: label '{df.label_column}' is {_kind(value)}, expected a class name "
+                                    "or an integer id; fix the row or drop it")
+
+
 class Renderer:
     """Turns a row into (prompt_ids, response_ids) so that training and generation share one template."""
 
@@ -98,6 +176,11 @@ class Renderer:
             raise UserError("data.template: chat, but the tokenizer has no chat template; use data.template: alpaca")
         self.template = template
         self.system = cfg.system_prompt
+        formats = {cfg.format, cfg.train.format, cfg.eval.format if cfg.eval else None}
+        if "chat" in formats and not getattr(tokenizer, "chat_template", None):
+            key = "data.format" if cfg.format == "chat" else ("data.train.format" if cfg.train.format == "chat" else "data.eval.format")
+            raise UserError(f"{key}: chat, but the tokenizer has no chat template to render messages; "
+                            "use a model whose tokenizer has one, or convert the data to format alpaca")
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -162,6 +245,32 @@ def label_mapping(ds, df: DataFile) -> list[str]:
     return sorted(str(v) for v in values)
 
 
+def training_labels(cfg: DataCfg, base_dir: Path | None = None) -> list[str]:
+    """The label names of a seq-cls recipe's training file, checked as prepare() checks it (for inspect)."""
+    fmt = cfg.train.format or cfg.format
+    if fmt != "classification":
+        raise UserError(f"data.format: model.task seq-cls needs format classification (got {fmt!r})")
+    ds = load_rows(cfg.train, "data.train", base_dir)
+    _check_columns(ds, fmt, cfg.train, "data.train")
+    check_rows(ds, fmt, cfg.train, "data.train", _text_column(ds, cfg.train, "data.train"))
+    return label_mapping(ds, cfg.train)
+
+
+def split_eval(ds, cfg: DataCfg, seed: int):
+    """Hold out data.eval_ratio of the training rows; both parts must keep at least one row."""
+    n = len(ds)
+    n_eval = math.ceil(cfg.eval_ratio * n)
+    if n < 2 or n_eval >= n:
+        raise UserError(f"data.eval_ratio: {cfg.eval_ratio} of {n} row(s) in {cfg.train.path} leaves no rows to train on; "
+                        "use more data, a smaller data.eval_ratio, or a separate data.eval file")
+    try:
+        split = ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
+    except ValueError as exc:
+        raise UserError(f"data.eval_ratio: cannot split {n} row(s) of {cfg.train.path}: {_first_line(exc)}; "
+                        "use more data or a separate data.eval file") from None
+    return split["train"], split["test"]
+
+
 def prepare(cfg: DataCfg, tokenizer, task: str, seed: int = 42, base_dir: Path | None = None,
             label_names: list[str] | None = None) -> Prepared:
     fmt_of = lambda df: df.format or cfg.format  # noqa: E731
@@ -174,11 +283,13 @@ def prepare(cfg: DataCfg, tokenizer, task: str, seed: int = 42, base_dir: Path |
     for ds, df, key in ((train_ds, cfg.train, "data.train"), (eval_ds, cfg.eval, "data.eval")):
         if ds is not None:
             _check_columns(ds, fmt_of(df), df, key)
+            text_col = _text_column(ds, df, key) if fmt_of(df) in ("text", "classification") else None
+            check_rows(ds, fmt_of(df), df, key, text_col)
     # labels are named from all training rows, before an eval split can hide a rare one
     names = (label_names or label_mapping(train_ds, cfg.train)) if task == "seq-cls" else None
-    if eval_ds is None and cfg.eval_ratio:
-        split = train_ds.train_test_split(test_size=cfg.eval_ratio, seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
+    was_split = eval_ds is None and bool(cfg.eval_ratio)  # rows shuffled: their indices are not the file's rows
+    if was_split:
+        train_ds, eval_ds = split_eval(train_ds, cfg, seed)
     eval_df = cfg.eval or cfg.train
 
     if task == "seq-cls":
@@ -197,6 +308,8 @@ def prepare(cfg: DataCfg, tokenizer, task: str, seed: int = 42, base_dir: Path |
         evals = encode_cls(eval_ds, eval_df, "data.eval") if eval_ds is not None else None
         return Prepared(train, evals, label_names=names)
 
+    from jinja2 import TemplateError
+
     renderer = Renderer(tokenizer, cfg)
 
     def encode_lm(ds, df, key):
@@ -209,8 +322,13 @@ def prepare(cfg: DataCfg, tokenizer, task: str, seed: int = 42, base_dir: Path |
                 ids = (ids + eos)[: cfg.max_length]
                 out.append({"input_ids": ids, "labels": list(ids)})
             return out, 0
-        for row in ds:
-            ids, labels = renderer.example(row, fmt)
+        for i, row in enumerate(ds):
+            try:
+                ids, labels = renderer.example(row, fmt)
+            except (ValueError, TypeError, TemplateError) as exc:  # the tokenizer's chat template rejects the row
+                which = f"a row of {df.path}" if was_split else f"{df.path} row {i + 1}"
+                fix = "fix the row" if fmt == "chat" else "fix the row, or set data.template: alpaca"
+                raise UserError(f"{key}: {which}: the tokenizer's chat template rejects it ({_first_line(exc, 150)}); {fix}") from None
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
             if all(label == IGNORE for label in labels):
                 dropped += 1  # the prompt alone fills max_length: nothing to learn from this row

@@ -8,6 +8,7 @@ import json
 import torch
 
 from peftcli.data import Renderer
+from peftcli.errors import UserError, one_line
 
 
 def _json_equal(output: str, reference: str) -> bool:
@@ -40,8 +41,43 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return outputs
 
 
+def eval_format(data_cfg) -> str:
+    """The format of the held-out rows: data.eval's, or data.train's when they come from data.eval_ratio
+    (as data.prepare reads them)."""
+    return (data_cfg.eval or data_cfg.train).format or data_cfg.format
+
+
+def check_generation_eval(recipe, prepared) -> None:
+    """Raise UserError (key train.generation_eval, with the fix) when train.generation_eval is set but the
+    prepared data gives it nothing to generate from; a no-op when generation_eval is not set. Call it
+    right after data.prepare(), before the model is loaded and before anything is written."""
+    from peftcli.recipe import generation_eval_problem
+
+    if recipe.train.generation_eval is None:
+        return
+    problem = generation_eval_problem(recipe)  # what the recipe alone tells (also checked at load time)
+    if problem:
+        raise UserError(f"train.generation_eval {problem}")
+    rows = getattr(prepared, "eval_rows", None) or []
+    if not rows:
+        raise UserError("train.generation_eval: the eval data gave no alpaca/chat rows to generate from; "
+                        "set data.eval (alpaca or chat rows) or data.eval_ratio, or remove train.generation_eval")
+    if eval_format(recipe.data) == "chat":
+        for i, row in enumerate(rows):
+            messages = row.get("messages") or []
+            if len(messages) < 2 or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                if recipe.data.eval is not None:
+                    which = f"data.eval: {recipe.data.eval.path} row {i + 1}"
+                else:  # held out by eval_ratio: shuffled, so name the row by its start
+                    first = messages[0].get("content") if messages and isinstance(messages[0], dict) else messages
+                    which = f"a row of {recipe.data.train.path} held out by data.eval_ratio (starting {one_line(repr(first), 60)})"
+                raise UserError(f"train.generation_eval: {which} does not end with an assistant message, the reference "
+                                "to score against; end every eval conversation with the assistant's reply, or remove "
+                                "train.generation_eval")
+
+
 def generation_eval(model, tokenizer, data_cfg, rows: list[dict], cfg) -> dict:
-    fmt = data_cfg.eval.format if data_cfg.eval and data_cfg.eval.format else data_cfg.format
+    fmt = eval_format(data_cfg)
     rows = rows[: cfg.samples]
     renderer = Renderer(tokenizer, data_cfg)
     prompts = [renderer.prompt_ids(r, fmt) for r in rows]

@@ -90,9 +90,9 @@ def inspect_target(target: str, by: str = "type", overrides: list[str] | None = 
         recipe = load_recipe(path, overrides)
         label_names = None
         if recipe.model.task == "seq-cls" and recipe.model.num_labels is None:
-            from peftcli.data import label_mapping, load_rows
+            from peftcli.data import training_labels
 
-            label_names = label_mapping(load_rows(recipe.data.train, "data.train"), recipe.data.train)
+            label_names = training_labels(recipe.data)
         method = build_method(recipe.method_options)
         try:
             model = meta_model(recipe.model, label_names)

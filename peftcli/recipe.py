@@ -6,17 +6,26 @@ The `method` section is validated by the chosen method's own options model (see 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from peftcli.errors import UserError, did_you_mean
+from peftcli.errors import UserError, did_you_mean, one_line
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Section):
@@ -87,6 +96,11 @@ class TrainCfg(_Section):
     num_workers: int = Field(0, ge=0)
     generation_eval: GenerationEval | None = None
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_false(cls, v):
+        return "no" if v is False else v  # `mixed_precision: no` read by a YAML 1.1 parser (yaml.safe_load)
+
     @model_validator(mode="after")
     def _steps_or_epochs(self):
         if self.max_steps is None and self.epochs is None:
@@ -104,8 +118,12 @@ class Recipe(_Section):
     data: DataCfg
     train: TrainCfg = TrainCfg()
     output: OutputCfg = OutputCfg()
-    # Set by load_recipe: the method's validated options and where the recipe came from.
-    source: str | None = Field(None, exclude=True)
+    # Set by load_recipe: where the recipe came from (private, so a `source:` key in a recipe is unknown).
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str | None:
+        return self._source
 
     @property
     def method_options(self):
@@ -115,12 +133,31 @@ class Recipe(_Section):
 
     def resolved(self) -> dict:
         """The recipe with every default filled in (what the run directory stores)."""
-        d = self.model_dump(mode="json", exclude={"source"})
+        d = self.model_dump(mode="json")
         d["method"] = self.method_options.model_dump(mode="json")
         return d
 
 
 # ---------------------------------------------------------------- loading
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are bools. PyYAML follows YAML 1.1, where yes/no/on/off
+    are bools too, so `mixed_precision: no` (a documented value) arrived as False. Bool fields still accept
+    yes/no/on/off: pydantic reads those strings as bools."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def yaml_load(text: str):
+    """Parse recipe YAML (YAML 1.2 booleans); raises yaml.YAMLError or RecursionError."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
 
 def _line_index(text: str) -> dict[tuple, int]:
     """Map each key path in the YAML text to its 1-based line, for error messages."""
@@ -129,6 +166,8 @@ def _line_index(text: str) -> dict[tuple, int]:
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    continue
                 p = path + (k.value,)
                 lines[p] = k.start_mark.line + 1
                 walk(v, p)
@@ -138,8 +177,8 @@ def _line_index(text: str) -> dict[tuple, int]:
                 walk(v, path + (i,))
 
     try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
+        walk(yaml.compose(text, Loader=_Loader), ())
+    except (yaml.YAMLError, RecursionError):
         pass
     return lines
 
@@ -162,94 +201,185 @@ def _fields_at(model_cls, loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _format_errors(err: ValidationError, model_cls, lines: dict, source: str, prefix: tuple = ()) -> str:
-    e = err.errors()[0]
-    loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    # pydantic puts union branch names into loc (e.g. 'DataFile'); drop them from the key path
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
+def _split_loc(loc: tuple, data: Any, missing: bool) -> tuple[tuple, str | None]:
+    """Split a pydantic error loc into the key path the user wrote and the first union branch pydantic
+    adds after it ('str', 'list[str]', a model name, ...; these were once told apart by a capital letter,
+    which also dropped capitalised user keys). A part is a key only where the input has it (or, for a
+    missing key, where it is the last part); the key path stops at the first branch."""
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+    path, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list | tuple) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1 and isinstance(node, dict)):
+            return tuple(path), str(part)
+        path.append(part)
+    return tuple(path), None
+
+
+def _value_at(data: Any, path: tuple) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _where(loc: tuple, lines: dict, source: str, set_by: dict | None) -> str:
+    """`--set ITEM` when an override set this key (or a section above it), else `file:line`."""
+    for n in range(len(loc), 0, -1):
+        if set_by and loc[:n] in set_by:
+            return f"--set {one_line(set_by[loc[:n]])}"
+    if loc and loc not in lines:  # not in the file: a --set below it created it (--set train.generation_eval.samples=3)
+        for path, item in (set_by or {}).items():
+            if path[: len(loc)] == loc:
+                return f"--set {one_line(item)}"
     for n in range(len(loc), 0, -1):
         if loc[:n] in lines:
-            line = lines[loc[:n]]
-            break
-    where = f"{source}:{line}" if line else source
+            return f"{source}:{lines[loc[:n]]}"
+    return source
+
+
+def _format_errors(err: ValidationError, model_cls, lines: dict, source: str, prefix: tuple = (),
+                   data: Any = None, set_by: dict | None = None) -> str:
+    """The first validation error as one line: where (file:line or --set), the key path, the problem."""
+    errors = err.errors()
+    if data is None:  # no input to tell keys from union branches: the loc as pydantic gives it
+        split = [(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))), None) for e in errors]
+    else:
+        split = [_split_loc(e["loc"], data, e["type"] == "missing") for e in errors]
+    e, (path, branch) = errors[0], split[0]
+    loc = prefix + path
+    key = one_line(".".join(str(p) for p in loc) or "(top level)")
+    where = _where(loc, lines, source, set_by)
     if e["type"] == "extra_forbidden":
         msg = f"unknown key '{key}'" + did_you_mean(loc[-1], _fields_at(model_cls, loc[len(prefix):-1]))
     elif e["type"] == "missing":
         msg = f"missing required key '{key}'"
+    elif branch == "[key]":
+        msg = f"{key}: keys must be text (got {one_line(repr(loc[-1]), 80)})"
+    elif branch is not None and data is not None:
+        # a union (e.g. str | list[str]): name every accepted type rather than the first branch's complaint
+        kinds = list(dict.fromkeys(b for p, b in split if p == path and b is not None))
+        got = _value_at(data, path)
+        got_s = "" if isinstance(got, dict | list) else f" (got {one_line(repr(got), 80)})"
+        msg = f"{key}: expected {' or '.join(kinds)}{got_s}"
     else:
         got = e.get("input")
-        got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        msg = f"{key}: {e['msg']}{got_s}"
-    more = len(err.errors()) - 1
-    return f"{where}: {msg}" + (f" [+{more} more problem(s)]" if more else "")
+        got_s = "" if isinstance(got, dict | list) else f" (got {one_line(repr(got), 80)})"
+        msg = f"{key}: {one_line(e['msg'])}{got_s}"
+    more = len({p for p, _ in split}) - 1
+    return f"{where}: {msg}" + (f" [+{more} more problem(s)]" if more > 0 else "")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
+        raise UserError(f"--set {one_line(item)}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
     key, _, raw = item.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml_load(raw) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return [k for k in key.strip().split(".") if k], value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], set_by: dict | None = None) -> dict:
+    """Apply `--set a.b=c` items to the recipe dict; `set_by` (if given) maps each key path set to its
+    item, so validation errors can point at the --set rather than at a line of the file."""
     for item in overrides or []:
         path, value = parse_override(item)
         if not path:
-            raise UserError(f"--set {item!r}: empty key path")
+            raise UserError(f"--set {one_line(item)}: empty key path; expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
         node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(path[:-1]):
+            if node.get(part) is None:
                 node[part] = {}
+            elif not isinstance(node[part], dict):
+                above = ".".join(path[: i + 1])
+                raise UserError(f"--set {one_line(item)}: {above} is a {type(node[part]).__name__}, not a section with keys; "
+                                f"set {above}=VALUE instead")
             node = node[part]
         node[path[-1]] = value
+        if set_by is not None:
+            set_by[tuple(path)] = item
     return data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a directory; give the path to a .yaml recipe file, e.g. recipes/quickstart.yaml")
     if not path.is_file():
         raise UserError(f"recipe not found: {path} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "a recipe is a YAML file saved as UTF-8") from None
+    try:
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}{line}: YAML syntax error: {problem}") from None
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}{line}: YAML syntax error: {one_line(problem)}; fix the recipe file") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply to be a recipe; fix the recipe file") from None
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty; a recipe is a YAML mapping with sections model, method, data, train, output")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping with sections model, method, data, train, output")
-    return recipe_from_dict(apply_overrides(data, overrides or []), source=str(path), lines=_line_index(text))
+        raise UserError(f"{path}: the recipe is a YAML {type(data).__name__}, not a mapping; a recipe is a YAML mapping "
+                        "with sections model, method, data, train, output")
+    set_by: dict[tuple, str] = {}
+    data = apply_overrides(data, overrides or [], set_by)
+    return recipe_from_dict(data, source=str(path), lines=_line_index(text), set_by=set_by)
 
 
-def recipe_from_dict(data: dict, source: str = "recipe", lines: dict | None = None) -> Recipe:
+def generation_eval_problem(recipe: Recipe) -> str | None:
+    """Why train.generation_eval cannot run on this recipe's data, as far as the recipe alone tells; None if it can.
+    Generation needs held-out rows of a prompt/response format (alpaca or chat) on a causal LM."""
+    if recipe.train.generation_eval is None:
+        return None
+    data = recipe.data
+    if recipe.model.task != "causal-lm":
+        return (f"generates text, which a {recipe.model.task} model cannot do; remove train.generation_eval "
+                "(eval_every reports accuracy for seq-cls)")
+    if data.eval is None and data.eval_ratio is None:
+        return "needs held-out rows; set data.eval (a file) or data.eval_ratio, or remove train.generation_eval"
+    fmt = (data.eval or data.train).format or data.format
+    if fmt not in ("alpaca", "chat"):
+        return (f"needs eval rows with a reference response (format alpaca or chat), but the eval data is format {fmt!r}; "
+                "remove train.generation_eval or use alpaca/chat data")
+    return None
+
+
+def recipe_from_dict(data: dict, source: str = "recipe", lines: dict | None = None, set_by: dict | None = None) -> Recipe:
     from peftcli.methods import available_methods, get_method
 
     lines = lines or {}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_errors(exc, Recipe, lines, source)) from None
+        raise UserError(_format_errors(exc, Recipe, lines, source, data=data, set_by=set_by)) from None
     name = recipe.method.get("name")
     if name not in available_methods():
-        where = f"{source}:{lines[('method', 'name')]}" if ("method", "name") in lines else source
-        raise UserError(
-            f"{where}: unknown method.name {name!r}{did_you_mean(name, available_methods())}; "
-            f"choose one of: {', '.join(available_methods())} (see `peftcli methods`)"
-        )
+        where = _where(("method", "name"), lines, source, set_by)
+        shown = one_line(repr(name), 80)
+        hint = did_you_mean(name, available_methods()) if isinstance(name, str) else ""
+        missing = "missing required key 'method.name'" if name is None else f"unknown method.name {shown}{hint}"
+        raise UserError(f"{where}: {missing}; choose one of: {', '.join(available_methods())} (see `peftcli methods`)")
     options_cls = get_method(name).Options
     try:
         options_cls.model_validate(recipe.method)
     except ValidationError as exc:
-        raise UserError(_format_errors(exc, options_cls, lines, source, prefix=("method",))) from None
-    recipe.source = source
+        raise UserError(_format_errors(exc, options_cls, lines, source, prefix=("method",), data=recipe.method,
+                                       set_by=set_by)) from None
+    problem = generation_eval_problem(recipe)
+    if problem:
+        raise UserError(f"{_where(('train', 'generation_eval'), lines, source, set_by)}: train.generation_eval {problem}")
+    recipe._source = source
     return recipe
