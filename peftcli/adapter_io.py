@@ -54,11 +54,21 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     _fsync_dir(path.parent)
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU copy of `t`; an FSDP2 shard (DTensor) is all-gathered first, so under FSDP every process
+    must call this for the same tensors in the same order."""
+    t = t.detach()
+    if type(t).__name__ == "DTensor":
+        t = t.full_tensor()
+    return t.to("cpu").contiguous().clone()
+
+
 def adapter_tensors(method, model) -> dict[str, torch.Tensor]:
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in method.state_dict(model).items()}
+    """The tensors to store, whole. A collective under FSDP: call it on every process."""
+    tensors = {k: full_tensor(v) for k, v in method.state_dict(model).items()}
     empty = [k for k, v in tensors.items() if v.numel() == 0]
     if not tensors or empty:
-        # ZeRO-3/FSDP shards show up as empty tensors: refuse rather than write a useless adapter.
+        # ZeRO-3 shards show up as empty tensors: refuse rather than write a useless adapter.
         raise RuntimeError(f"refusing to save an empty adapter tensor ({empty[:2] or 'no tensors'}); gather parameters first")
     return tensors
 
@@ -78,13 +88,15 @@ def _peft_version() -> str:
         return "0.17.0"  # the oldest PEFT layout we write
 
 
-def write_adapter(directory: Path, method, model, meta: dict, recipe_yaml: str | None = None) -> None:
-    """Write (or atomically replace) every file of an adapter directory."""
+def write_adapter(directory: Path, method, model, meta: dict, recipe_yaml: str | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write (or atomically replace) every file of an adapter directory. `tensors`: adapter_tensors()
+    gathered beforehand on every process (multi-process runs write from the main process only)."""
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_tensors(method, model)
+    tensors = adapter_tensors(method, model) if tensors is None else tensors
     config = peft_config(method, model, meta.get("base", {}).get("name_or_path"), meta.get("base", {}).get("task", "causal-lm"))
     saved_opts = method.saved_options() if hasattr(method, "saved_options") else method.opts
     meta = {**meta, "peftcli_version": __version__, "method": saved_opts.model_dump(mode="json"),

@@ -91,6 +91,12 @@ class TrainCfg(_Section):
                                      "lower peak RSS for large models, slower steps for small ones (see README)")
     eval_every: int | None = Field(50, ge=1)
     save_every: int | None = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; the newest is never deleted")
+    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the newest complete checkpoint (same as --resume)")
+    on_nan: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient: stop (last good checkpoint kept) or skip the update")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="under several processes: DDP (adapter replicated), FSDP2 (base sharded) or DeepSpeed ZeRO-2")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON config (train.distributed: deepspeed)")
     log_every: int = Field(1, ge=1)
     seed: int = 42
     num_workers: int = Field(0, ge=0)

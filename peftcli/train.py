@@ -93,6 +93,7 @@ class Trainer:
 
         from peftcli.data import Collator, prepare
         from peftcli.distributed import make_accelerator, single_process_launch_warning
+        from peftcli.generation import check_generation_eval
         from peftcli.methods import build_method
         from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
 
@@ -114,6 +115,7 @@ class Trainer:
         # Cheap failures first: tokenizer and data before the (slow) model.
         self.tokenizer = load_tokenizer(mcfg)
         self.data = data = prepare(self.recipe.data, self.tokenizer, mcfg.task, seed=tcfg.seed)
+        check_generation_eval(self.recipe, data)
         loaded = load_model(mcfg, self.tokenizer, label_names=data.label_names, seed=tcfg.seed)
         self.inner = model = loaded.model
         base_fp = fingerprint(model, exclude=loaded.new_modules)
@@ -124,11 +126,6 @@ class Trainer:
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
 
         self._plan()
-        if tcfg.generation_eval is not None:
-            from peftcli import generation
-
-            if hasattr(generation, "check_generation_eval"):
-                generation.check_generation_eval(self.recipe, data)
         self.recipe_resolved = self.recipe.resolved()
         self.start_ckpt = self._find_checkpoint()
 
