@@ -89,6 +89,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sharded(model) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The whole optimizer state on CPU. Under FSDP2 the moments are shards: gathered (a collective, so
+    every process calls this), else the optimizer's own state_dict."""
+    if not _sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Inverse of optimizer_state: whole tensors are re-sharded under FSDP2."""
+    if not _sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_parameter(param, value: torch.Tensor) -> None:
+    """Copy a whole saved tensor into a parameter, re-sharding it if the parameter is an FSDP2 shard."""
+    with torch.no_grad():
+        if type(param).__name__ == "DTensor":
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)
+        else:
+            param.copy_(value.to(param.device, param.dtype))
+
+
 def save(run_dir: Path, step: int, accelerator, write_main, keep: int) -> Path:
     """Every process calls this at the same step. `write_main(tmp_dir)` writes the shared files (main
     process only); each process adds its RNG state. A failure leaves the previous checkpoints untouched."""

@@ -299,12 +299,15 @@ class Trainer:
         acc, data = self.accelerator, self.data
         bs = self.tcfg.eval_batch_size or self.tcfg.batch_size
         rows = shard(len(data.eval), self.rank, self.world)
+        n_batches = math.ceil(math.ceil(len(data.eval) / self.world) / bs)  # the same on every process
         sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, label terms, correct, seen
         self.loss_model.eval()
-        for a in range(0, len(rows), bs):
-            idx = rows[a:a + bs]
-            batch = self._batch([data.eval[i] for i in idx])
+        for b in range(n_batches):
+            idx = rows[b * bs:(b + 1) * bs]
+            batch = self._batch([data.eval[i] for i in idx or [0]])  # a shorter shard runs a dummy batch, counted 0
             mean, logits = self.loss_model(**batch)
+            if not idx:
+                continue
             n = sum(self.eval_counts[i] for i in idx)
             if n:
                 sums[0] += mean.double() * n
@@ -325,12 +328,13 @@ class Trainer:
         # gathered on every process (collectives under FSDP), written by the main one
         tensors = adapter_io.adapter_tensors(self.method, self.inner)
         trainable = {n: adapter_io.full_tensor(p) for n, p in self.inner.named_parameters() if p.requires_grad}
+        optim = checkpoint.optimizer_state(self.inner, self.optimizer.optimizer)
 
         def write_main(tmp: Path) -> None:
             adapter_io.write_adapter(tmp, self.method, self.inner, {**self.meta, "step": step}, self.recipe_yaml, tensors)
             state = {
                 "step": step, "num_processes": self.world, "effective_batch": self.batches.global_size,
-                "trainable": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "trainable": trainable, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
                 "method": self.method.training_state(self.inner),
             }
             checkpoint._torch_save(state, tmp / checkpoint.STATE)
@@ -343,12 +347,11 @@ class Trainer:
             raise UserError(f"--resume: {ckpt} was written by {state.get('num_processes')} process(es), this run has "
                             f"{self.world}; resume with the same number of processes")
         params = dict(self.inner.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                if name not in params:
-                    raise UserError(f"--resume: {ckpt} does not fit this model (no parameter {name}); pass --overwrite to start over")
-                params[name].copy_(value.to(params[name].device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, value in state["trainable"].items():
+            if name not in params:
+                raise UserError(f"--resume: {ckpt} does not fit this model (no parameter {name}); pass --overwrite to start over")
+            checkpoint.load_parameter(params[name], value)
+        checkpoint.load_optimizer_state(self.inner, self.optimizer.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_training_state(self.inner, state["method"])
         checkpoint.set_rng_state(rng)

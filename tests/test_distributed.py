@@ -322,9 +322,10 @@ def test_fsdp_on_cpu_and_missing_deepspeed_are_clear_errors(lm_recipe, monkeypat
     assert result.exit_code == 2 and "pip install deepspeed" in result.stderr
 
 
-def test_fsdp2_sharded_adapter_is_gathered_whole_at_save(tmp_path):
+def test_fsdp2_sharded_adapter_and_resume_state_are_gathered_whole(tmp_path):
     """Accelerate runs FSDP on GPUs only, so this drives torch's fully_shard over gloo directly (2 processes)
-    and checks the save path: every process gathers, the main one writes the same tensors a single process would."""
+    and checks the save path: every process gathers, the main one writes the same tensors a single process would;
+    and the checkpoint's optimizer and parameter state round-trips through the shards."""
     save_tiny(tmp_path / "llama", "llama")
     worker = Path(__file__).parent / "fsdp_worker.py"
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
@@ -336,4 +337,7 @@ def test_fsdp2_sharded_adapter_is_gathered_whole_at_save(tmp_path):
     for k in single:
         assert sharded[k].shape == single[k].shape and sharded[k].numel() > 0
         assert (sharded[k] - single[k]).abs().max() < 1e-5, k
-    assert json.loads((tmp_path / "fsdp" / "sharded.json").read_text())["lora_A_local_rows"] == 2  # it really was sharded
+    report = json.loads((tmp_path / "fsdp" / "sharded.json").read_text())
+    assert report["lora_A_local_rows"] == 2  # it really was sharded (4 rows over 2 processes)
+    # resume state: the gathered AdamW moments equal the unsharded run's; saved state loads back into the shards
+    assert report["optim_max_diff"] < 1e-5 and report["optim_roundtrip"] and report["param_roundtrip"], report
