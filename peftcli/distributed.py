@@ -144,16 +144,18 @@ class GlobalBatches:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.n_rows / self.global_size))
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_rows, generator=g)
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_cached", (None,))[0] != epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n_rows, generator=g).tolist())
+        return self._cached[1]
 
     def step_indices(self, step: int) -> list[int]:
         """Row indices of optimizer step `step` (0-based), all processes and micro-batches together."""
         epoch, j = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         start = j * self.global_size
-        return [int(order[(start + t) % self.n_rows]) for t in range(self.global_size)]
+        return [order[(start + t) % self.n_rows] for t in range(self.global_size)]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """This rank's grad_accum micro-batches of step `step`."""

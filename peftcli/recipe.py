@@ -99,7 +99,6 @@ class TrainCfg(_Section):
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON config (train.distributed: deepspeed)")
     log_every: int = Field(1, ge=1)
     seed: int = 42
-    num_workers: int = Field(0, ge=0)
     generation_eval: GenerationEval | None = None
 
     @field_validator("mixed_precision", mode="before")
