@@ -33,7 +33,10 @@ def fault(name: str) -> float | None:
     for item in os.environ.get("PEFTCLI_FAULT", "").split(","):
         key, _, value = item.partition("=")
         if key.strip() == name:
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                return None
     return None
 
 
@@ -62,7 +65,8 @@ def remove_partial(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _torch_save(obj, path: Path) -> None:
+def torch_save(obj, path: Path) -> None:
+    """torch.save through atomic_write: a reader never sees half a file."""
     import io
 
     buf = io.BytesIO()
@@ -138,7 +142,7 @@ def save(run_dir: Path, step: int, accelerator, write_main, keep: int) -> Path:
     accelerator.wait_for_everyone()
     error: OSError | None = None
     try:
-        _torch_save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        torch_save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         if main:
             write_main(tmp)
             if fault("disk_full_in_save") == step:

@@ -144,7 +144,7 @@ class GlobalBatches:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.n_rows / self.global_size))
 
-    def _order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> list[int]:
         if getattr(self, "_cached", (None,))[0] != epoch:  # one permutation per epoch, not per step
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._cached = (epoch, torch.randperm(self.n_rows, generator=g).tolist())
@@ -153,7 +153,7 @@ class GlobalBatches:
     def step_indices(self, step: int) -> list[int]:
         """Row indices of optimizer step `step` (0-based), all processes and micro-batches together."""
         epoch, j = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)
+        order = self.order(epoch)
         start = j * self.global_size
         return [order[(start + t) % self.n_rows] for t in range(self.global_size)]
 

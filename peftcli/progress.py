@@ -16,13 +16,14 @@ from rich.progress import (
 
 
 class TrainProgress:
-    def __init__(self, total: int, enabled: bool = True, console: Console | None = None, plain_every_s: float = 10.0):
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool = True, console: Console | None = None, plain_every_s: float = 10.0,
+                 label: str = "train"):
+        self.total, self.enabled, self.label = total, enabled, label
         self.console = console or Console()
         self.plain = not self.console.is_terminal  # CI logs: a line every few seconds instead of redraws
         self.plain_every_s, self._last_plain = plain_every_s, 0.0
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]:.4f}"), TextColumn("lr {task.fields[lr]:.2e}"),
             TextColumn("[green]{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=self.console, disable=not enabled or self.plain,
@@ -43,7 +44,7 @@ class TrainProgress:
         now = time.monotonic()
         if self.plain and (now - self._last_plain >= self.plain_every_s or step == self.total):
             self._last_plain = now
-            self.console.print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:.0f} tok/s")
+            self.console.print(f"{self.label} step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:.0f} tok/s")
 
     def note(self, text: str) -> None:
         if self.enabled:

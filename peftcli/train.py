@@ -147,6 +147,9 @@ class Trainer:
 
         self._assemble(Collator(self.tokenizer.pad_token_id,
                                 self.recipe.data.max_length if self.recipe.data.padding == "max_length" else None))
+        if (n_now := sum(p.numel() for p in model.parameters() if p.requires_grad)) != n_train:  # data-chosen masks
+            n_train = n_now
+            self.say(f"{method.name}: {n_train:,} trainable parameters ({100 * n_train / n_total:.4f}%) after choosing the mask")
 
         processes = gather_object([{
             "rank": acc.process_index, "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
@@ -175,17 +178,21 @@ class Trainer:
         self.method.validate_training(self.total_steps)
 
     def _assemble(self, collate) -> None:
-        """Optimizer and schedule on the trainable parameters; the loss model wrapped by Accelerate."""
+        """The method's data-dependent part, then optimizer and schedule on the trainable parameters and the
+        loss model wrapped by Accelerate."""
         from peftcli.loss import LossModel
 
         self.collate = collate
+        self.loss_module = LossModel(self.inner, self.mcfg.task)
+        self.method.before_training(self.inner, self)
         params = [p for p in self.inner.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
         # the scheduler stays unprepared: Accelerate would step it once per process per optimizer step
         self.scheduler = _scheduler(optimizer, self.tcfg, self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(LossModel(self.inner, self.mcfg.task), optimizer)
+        # self.model: Accelerate's wrapper (DDP) for training; self.loss_module, the same module unwrapped (with
+        # Accelerate's autocast), for evaluation and method phases: no DDP collectives on uneven shards
+        self.model, self.optimizer = self.accelerator.prepare(self.loss_module, optimizer)
         self.params = [p for p in self.inner.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
-        self.loss_model = self.accelerator.unwrap_model(self.model)  # evaluation: no DDP collectives on uneven shards
 
     @classmethod
     def for_model(cls, model, method, rows: list[dict], task: str = "causal-lm", pad_id: int = 0, **train) -> Trainer:
@@ -200,7 +207,7 @@ class Trainer:
         self.accelerator = make_accelerator(self.tcfg.mixed_precision)
         self.main, self.rank, self.world = True, 0, 1
         self.inner, self.method, self.data = model, method, Prepared(rows, None)
-        self.out_dir = None
+        self.out_dir, self.console = None, None
         self._plan()
         self._assemble(Collator(pad_id))
         return self
@@ -234,8 +241,41 @@ class Trainer:
         return ckpt
 
     # ------------------------------------------------------------- one optimizer step
-    def _batch(self, rows: list[dict]) -> dict:
+    def collated(self, rows: list[dict]) -> dict:
         return {k: v.to(self.accelerator.device) for k, v in self.collate(rows).items()}
+
+    def sample_rows(self, n: int) -> list[dict]:
+        """The first n training rows in the run's (seeded) order, the same on every process."""
+        order = self.batches.order(0)
+        return [self.data.train[i] for i in order[:n]]
+
+    def dense_phase(self, optimizer, steps: int, label: str) -> None:
+        """A method's own phase before the main run (LT-SFT's full fine-tuning): steps over the run's first
+        global batches with the same loss normalisation, on the unwrapped model, identical on every process."""
+        from peftcli.progress import TrainProgress
+
+        tcfg, data = self.tcfg, self.data
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.loss_module.train()
+        with TrainProgress(steps, enabled=self.main, console=self.console, label=label) as progress:
+            for step in range(steps):
+                t0 = time.perf_counter()
+                idx = self.batches.step_indices(step)
+                total, loss_sum, tokens = sum(self.counts[i] for i in idx), 0.0, 0
+                for a in range(0, len(idx), tcfg.batch_size):
+                    chunk = idx[a:a + tcfg.batch_size]
+                    batch = self.collated([data.train[i] for i in chunk])
+                    n = sum(self.counts[i] for i in chunk)
+                    mean, _ = self.loss_module(**batch)
+                    part = mean.float() * n if n else mean.float().nan_to_num() * 0.0
+                    (part / max(total, 1)).backward()
+                    loss_sum, tokens = loss_sum + part.item(), tokens + int(batch["attention_mask"].sum())
+                if tcfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(step + 1, loss=loss_sum / max(total, 1), lr=optimizer.param_groups[0]["lr"],
+                                tps=tokens / max(time.perf_counter() - t0, 1e-9))
 
     def train_step(self, step: int) -> dict:
         """Optimizer step number `step + 1` over this process's micro-batches of global batch `step`.
@@ -250,7 +290,7 @@ class Trainer:
         tokens = 0
         self.model.train()
         for m, idx in enumerate(micro):
-            batch = self._batch([data.train[i] for i in idx])
+            batch = self.collated([data.train[i] for i in idx])
             n = sum(self.counts[i] for i in idx)
             sync = m == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -278,6 +318,7 @@ class Trainer:
                 raise TrainingStopped(self._nan_message(step + 1, step_loss))
             skipped = True  # the data position and the schedule go on; the weights stay
         else:
+            self.method.before_optimizer_step(self.inner, step + 1)
             self.optimizer.step()
             self.method.on_optimizer_step(self.inner, step + 1, self.total_steps)
         self.scheduler.step()
@@ -301,11 +342,11 @@ class Trainer:
         rows = shard(len(data.eval), self.rank, self.world)
         n_batches = math.ceil(math.ceil(len(data.eval) / self.world) / bs)  # the same on every process
         sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, label terms, correct, seen
-        self.loss_model.eval()
+        self.loss_module.eval()
         for b in range(n_batches):
             idx = rows[b * bs:(b + 1) * bs]
-            batch = self._batch([data.eval[i] for i in idx or [0]])  # a shorter shard runs a dummy batch, counted 0
-            mean, logits = self.loss_model(**batch)
+            batch = self.collated([data.eval[i] for i in idx or [0]])  # a shorter shard runs a dummy batch, counted 0
+            mean, logits = self.loss_module(**batch)
             if not idx:
                 continue
             n = sum(self.eval_counts[i] for i in idx)
@@ -315,7 +356,7 @@ class Trainer:
             if self.mcfg.task == "seq-cls":
                 sums[2] += (logits.argmax(-1) == batch["labels"]).sum()
                 sums[3] += batch["labels"].numel()
-        self.loss_model.train()
+        self.loss_module.train()
         if self.world > 1:
             sums = acc.reduce(sums, reduction="sum")
         result = {"eval_loss": (sums[0] / sums[1].clamp(min=1)).item()}
@@ -337,7 +378,7 @@ class Trainer:
                 "trainable": trainable, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
                 "method": self.method.training_state(self.inner),
             }
-            checkpoint._torch_save(state, tmp / checkpoint.STATE)
+            checkpoint.torch_save(state, tmp / checkpoint.STATE)
 
         checkpoint.save(self.out_dir, step, self.accelerator, write_main, self.tcfg.keep_checkpoints)
 

@@ -238,7 +238,10 @@ def test_kill_inside_checkpoint_write_resumes_from_the_previous_one(lm_recipe, t
     {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "target_modules": "all-linear"},  # EMAs, masks
     {"name": "lora", "r": 4, "init": "pissa", "target_modules": "all-linear"},  # residual base, rank-2r save form
     {"name": "lora", "r": 4, "dropout": 0.2, "target_modules": "all-linear"},  # the RNG stream
-], ids=["adalora", "pissa", "lora-dropout"])
+    {"name": "fish", "density": 0.02, "num_samples": 8},  # a data-chosen mask, recomputed on resume
+    {"name": "lt_sft", "density": 0.02, "full_steps": 2},  # a first phase, re-run on resume
+    {"name": "child_tuning", "mode": "f", "reserve_p": 0.5},  # per-step gradient masks
+], ids=["adalora", "pissa", "lora-dropout", "fish", "lt_sft", "child_tuning_f"])
 def test_resume_restores_method_state_and_rng(lm_recipe, tmp_path, opts):
     recipe = lm_recipe(max_steps=8, save_every=4, eval_every=None)
     method = ["--set", f"method={json.dumps(opts)}"]

@@ -125,6 +125,14 @@ class Method:
     def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after each optimizer step, before gradients are zeroed."""
 
+    def before_training(self, model: nn.Module, trainer) -> None:
+        """Called once after the data is ready and before the optimizer exists: methods whose trainable
+        tensors depend on the data (Fisher masks, LT-SFT's first phase) create them here. `trainer` offers
+        sample_rows(n), collated(rows), loss_module, dense_phase(optimizer, steps, label), tcfg, total_steps."""
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called with the step's gradients complete (after clipping), before the optimizer uses them."""
+
     def validate_training(self, total_steps: int) -> None:
         """Raise UserError if the options cannot work for a run of `total_steps` optimizer steps; called
         before anything is written or deleted."""

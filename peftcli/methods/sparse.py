@@ -1,0 +1,428 @@
+"""Sparse fine-tuning: train a chosen subset of the pretrained entries; the trained values are the
+weights, so merge adds no latency. One mechanism, four ways to choose the subset (`method.name`):
+
+- `pafi` (Liao, Meng, Monz, ACL 2023): the entries with the smallest |theta|; no data, deterministic,
+  the same mask for every task.
+- `fish` (Sung et al. 2021): the entries with the largest empirical Fisher, mean over `num_samples`
+  training examples of (d log p(y|x) / d theta)^2 (one example per backward pass by default).
+- `lt_sft` (Ansell et al. 2022): full fine-tuning of the eligible tensors for `full_steps` steps, keep the
+  entries that moved most (|theta - theta0|), reset everything to theta0, then the sparse phase; both
+  phases inside one `peftcli train` run.
+- `child_tuning` (Xu et al. 2021): `mode: d` is the Fisher mask keeping `reserve_p` of the entries;
+  `mode: f` trains every eligible entry with a per-step Bernoulli(reserve_p) gradient mask scaled by
+  1/reserve_p. F is dense by nature: its delta and AdamW moments are as large as the eligible tensors,
+  and it stores the full delta.
+
+The mechanism: each eligible linear layer is wrapped in `SparseDeltaLinear`, which holds the frozen base
+weight, `sparse_indices` (flat positions in the base weight's own storage layout, int64 buffer) and
+`sparse_values`, the only trainable tensor (k entries, zero at init: outputs unchanged). So the
+parameters and the optimizer's moments scale with k, not with the dense tensors. Forward builds
+W + scatter(values) for the layer's matmul and drops it; backward rebuilds it for the input gradient and
+reads the k entries of the dense weight gradient. That dense gradient (one layer's weight size) exists
+transiently, one layer at a time; no dense gradient is kept or accumulated. Fish and Child-Tuning D need
+dense gradients of every eligible tensor while the mask is computed (before training), LT-SFT's first phase
+is a dense fine-tune: both cost dense memory once, and are re-done identically on --resume.
+
+Options shared by all four: `density` (fraction of eligible entries, default 0.005), `scope`
+(`global`: one threshold over all eligible entries; `per_tensor`: the same fraction of each tensor),
+which tensors are eligible (`target_modules`, default every linear layer of the transformer blocks:
+no embeddings, norms or output head), `train_bias` (the eligible layers' biases fully trainable) and
+`train_head` (a classification head fully trainable, or eligible for the mask like any tensor).
+
+Storage (peftcli-only layout): `<path>.sparse_indices` (int32 where the tensor has < 2^31 entries) and
+`<path>.sparse_values` per tensor (`<path>.sparse_delta`, dense, for Child-Tuning F), biases as
+`<path>.bias`, the head as modules_to_save. Merge scatters the values into the base weight in place:
+unselected entries stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.methods import register
+from peftcli.methods.base import HEADS, PREFIX, AdapterModule, Method, MethodOptions, replace_module
+from peftcli.methods.lora import TargetSpec, _adapter_dtype
+from peftcli.methods.targets import is_linear, resolve_targets
+
+
+class SparseOptions(MethodOptions):
+    density: float = Field(0.005, gt=0, le=1, description="fraction of the eligible entries that are trained")
+    scope: Literal["global", "per_tensor"] = Field("global", description="one threshold over all eligible entries, or per tensor")
+    target_modules: TargetSpec = Field("all-linear", description="eligible layers (their weight matrices): regex, list or all-linear")
+    exclude_modules: TargetSpec = None
+    train_bias: bool = Field(False, description="train the eligible layers' biases in full")
+    train_head: bool = Field(True, description="a classification head trained in full (else it is eligible for the mask)")
+
+
+class PafiOptions(SparseOptions):
+    name: Literal["pafi"] = "pafi"
+
+
+class FishOptions(SparseOptions):
+    name: Literal["fish"] = "fish"
+    num_samples: int = Field(1024, ge=1, description="training examples for the empirical Fisher")
+    fisher_batch_size: int = Field(1, ge=1, description="examples per backward pass (1: the exact per-example Fisher)")
+
+
+class LtSftOptions(SparseOptions):
+    name: Literal["lt_sft"] = "lt_sft"
+    full_steps: int | None = Field(None, ge=1, description="steps of the full fine-tuning phase; null: a quarter of train steps")
+    full_lr: float | None = Field(None, gt=0, description="learning rate of the full phase; null: train.lr / 10")
+
+
+class ChildTuningOptions(SparseOptions):
+    name: Literal["child_tuning"] = "child_tuning"
+    mode: Literal["d", "f"] = Field("d", description="d: Fisher mask computed once; f: per-step Bernoulli gradient mask (dense)")
+    reserve_p: float = Field(0.3, gt=0, le=1, description="fraction kept (d: of the entries, f: per step)")
+    num_samples: int = Field(1024, ge=1, description="mode d: training examples for the Fisher")
+    fisher_batch_size: int = Field(1, ge=1)
+    density: float | None = Field(None, gt=0, le=1, description="ignored: reserve_p is Child-Tuning's density")
+
+    @model_validator(mode="after")
+    def _density(self):
+        self.density = self.reserve_p
+        return self
+
+
+class _SparseLinear(torch.autograd.Function):
+    """y = x (W + S)^T + b with S = scatter(values at indices); W frozen. Saves x, not W + S."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, transposed, dense):
+        w = _with_delta(weight, values, indices, dense)
+        out = F.linear(x, w.T if transposed else w, bias)
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.transposed, ctx.dense = transposed, dense
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, values, indices = ctx.saved_tensors
+        grad_x = grad_values = None
+        w = _with_delta(weight, values, indices, ctx.dense)
+        lin = w.T if ctx.transposed else w  # (out, in)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ lin.to(grad_out.dtype)
+        if ctx.needs_input_grad[3]:
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+            dense = g2.T.to(values.dtype) @ x2.to(values.dtype)  # (out, in): transient, one layer
+            if ctx.transposed:
+                dense = dense.T
+            grad_values = dense.reshape(-1) if ctx.dense else dense.reshape(-1).index_select(0, indices)
+        return grad_x, None, None, grad_values, None, None, None
+
+
+def _with_delta(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dense: bool) -> torch.Tensor:
+    if dense:  # Child-Tuning F
+        return weight + values.view_as(weight).to(weight.dtype)
+    w = weight.detach().clone()
+    w.view(-1).index_add_(0, indices, values.to(w.dtype))
+    return w
+
+
+class SparseDeltaLinear(AdapterModule):
+    """A Linear/Conv1D whose weight is W + scatter(sparse_values at sparse_indices); indices None: a dense
+    delta (every entry)."""
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor | None):
+        super().__init__()
+        self.base_layer = base
+        self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
+        w = base.weight
+        self.dense = indices is None
+        self.register_buffer("sparse_indices", torch.empty(0, dtype=torch.long, device=w.device) if self.dense
+                             else indices.to(device=w.device, dtype=torch.long), persistent=False)
+        n = w.numel() if self.dense else self.sparse_indices.numel()
+        self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=_adapter_dtype(base)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.transposed, self.dense)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"sparse_values": self.sparse_values}
+
+    def delta_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        delta = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
+        if self.dense:
+            delta += self.sparse_values.float()
+        else:
+            delta.index_add_(0, self.sparse_indices, self.sparse_values.float())
+        delta = delta.view_as(w)
+        return delta.T if self.transposed else delta
+
+    def merged_module(self) -> nn.Module:
+        base = self.base_layer
+        with torch.no_grad():
+            if self.dense:
+                base.weight.data = (base.weight.float() + self.sparse_values.float().view_as(base.weight)).to(base.weight.dtype)
+            else:  # only the selected entries are touched: the others stay bit-identical
+                flat = base.weight.data.view(-1)
+                idx = self.sparse_indices
+                flat[idx] = (flat[idx].float() + self.sparse_values.float()).to(flat.dtype)
+        return base
+
+
+def select_smallest(scores: dict[str, torch.Tensor], density: float, scope: str, largest: bool = False) -> dict[str, torch.Tensor]:
+    """Flat indices per tensor of the k entries with the smallest (largest) score. Global scope: one k over
+    all entries; ties at the threshold go to the earliest tensor and position (deterministic)."""
+    if scope == "per_tensor":
+        return {name: _select(s.reshape(-1), max(1, round(density * s.numel())), largest) for name, s in scores.items()}
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    picked = _select(flat, max(1, round(density * flat.numel())), largest)
+    out, start = {}, 0
+    bounds = torch.tensor([scores[n].numel() for n in names]).cumsum(0)
+    for name, end in zip(names, bounds.tolist(), strict=True):
+        lo, hi = torch.searchsorted(picked, torch.tensor([start, end])).tolist()
+        out[name] = picked[lo:hi] - start
+        start = end
+    return out
+
+
+def _select(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Sorted positions of the k smallest (largest) values; ties broken by position."""
+    key = -flat if largest else flat
+    kth = torch.kthvalue(key, k).values
+    below = (key < kth).nonzero().view(-1)
+    ties = (key == kth).nonzero().view(-1)[: k - below.numel()]
+    return torch.cat([below, ties]).sort().values
+
+
+class SparseMethod(Method):
+    """The shared mechanism; subclasses choose the mask in `scores` (data-free) or `before_training`."""
+
+    family = "partial"
+    mergeable = True
+    peft_type = None
+    needs_data = False
+
+    def __init__(self, options: SparseOptions):
+        super().__init__(options)
+        self.eligible: list[str] = []  # layers whose weight can be selected
+        self.bias_paths: list[str] = []
+
+    # ------------------------------------------------------------- which tensors
+    def inject(self, model: nn.Module) -> None:
+        o = self.opts
+        self.eligible = resolve_targets(model, o.target_modules, o.exclude_modules, supported=is_linear)
+        if not o.train_head:
+            self.eligible += [h for h in HEADS if is_linear(getattr(model, h, None) or nn.Identity())]
+        if o.train_bias:
+            self.bias_paths = [p for p in self.eligible if isinstance(getattr(model.get_submodule(p), "bias", None), nn.Parameter)]
+        if not self.needs_data:
+            self.install(model, self.scores(model))
+
+    def apply(self, model: nn.Module, task: str = "causal-lm", also_save=()) -> nn.Module:
+        super().apply(model, task, also_save)
+        if not self.opts.train_head:  # the head is in the mask: not also trained in full
+            for name in [s for s in self.saved_modules if s in HEADS]:
+                self.saved_modules.remove(name)
+                for p in model.get_submodule(name).parameters():
+                    p.requires_grad_(False)
+        return model
+
+    def check_trainable(self, model: nn.Module) -> None:
+        if not self.needs_data:
+            super().check_trainable(model)
+
+    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def install(self, model: nn.Module, scores: dict[str, torch.Tensor] | None, largest: bool = False) -> None:
+        """Wrap every eligible layer with its selected entries (scores None: dense delta)."""
+        picks = select_smallest(scores, self.opts.density, self.opts.scope, largest) if scores is not None else {}
+        # a layer with no selected entry (global scope) stays as it is, unless its bias is trained
+        self.wrapped = [p for p in self.eligible if scores is None or picks[p].numel() or p in self.bias_paths]
+        for path in self.wrapped:
+            idx = None if scores is None else picks[path]
+            replace_module(model, path, SparseDeltaLinear(model.get_submodule(path), idx))
+        for path in self.bias_paths:
+            model.get_submodule(path).base_layer.bias.requires_grad_(True)
+
+    # ------------------------------------------------------------- storage
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for path, w in self.wrappers(model).items():
+            if w.dense:
+                sd[f"{PREFIX}{path}.sparse_delta"] = w.sparse_values.detach()
+                continue
+            small = w.base_layer.weight.numel() < 2**31
+            sd[f"{PREFIX}{path}.sparse_indices"] = w.sparse_indices.to(torch.int32 if small else torch.int64)
+            sd[f"{PREFIX}{path}.sparse_values"] = w.sparse_values.detach()
+        for path in self.bias_paths:
+            sd[f"{PREFIX}{path}.bias"] = model.get_submodule(path).base_layer.bias.detach()
+        for path in self.saved_modules:
+            for local, p in model.get_submodule(path).named_parameters():
+                sd[f"{PREFIX}{path}.{local}"] = p.detach()
+        return sd
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        """The stored indices define the mask (a reloaded adapter needs neither data nor the mask rule)."""
+        self.wrapped = []
+        for path in self.eligible:
+            idx = sd.get(f"{PREFIX}{path}.sparse_indices")
+            if idx is None and f"{PREFIX}{path}.sparse_delta" not in sd:
+                continue  # no entry of this layer was selected
+            module = model.get_submodule(path)
+            base = module.base_layer if isinstance(module, SparseDeltaLinear) else module
+            if idx is not None and idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < base.weight.numel()):
+                raise UserError(f"adapter tensor {PREFIX}{path}.sparse_indices points outside the {tuple(base.weight.shape)} weight")
+            replace_module(model, path, SparseDeltaLinear(base, None if idx is None else idx.long()))
+            self.wrapped.append(path)
+        if not self.wrapped:
+            raise UserError(f"adapter tensors do not fit this model (no {self.name} entries for its layers); "
+                            "is this adapter for this base model and method?")
+        for path in self.bias_paths:
+            model.get_submodule(path).base_layer.bias.requires_grad_(True)
+        own = self.state_dict(model)
+        with torch.no_grad():
+            for key, target in own.items():
+                if key.endswith(".sparse_indices"):
+                    continue
+                if key not in sd:
+                    raise UserError(f"adapter tensors do not fit this model (missing {key}); is this adapter for this base model and method?")
+                if tuple(sd[key].shape) != tuple(target.shape):
+                    raise UserError(f"adapter tensor {key} has shape {tuple(sd[key].shape)}, the model expects {tuple(target.shape)}")
+                target.copy_(sd[key].to(target.dtype))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        model = super().merge(model)
+        self.bias_paths = []
+        return model
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        wrappers = self.wrappers(model)
+        selected = {p: w.sparse_values.numel() for p, w in wrappers.items()}
+        layers = [model.get_submodule(p) for p in self.eligible]
+        eligible = sum((m.base_layer if isinstance(m, SparseDeltaLinear) else m).weight.numel() for m in layers)
+        return {**super().describe(model), "selected_entries": sum(selected.values()), "eligible_entries": eligible,
+                "density": sum(selected.values()) / max(eligible, 1), "selected_per_tensor": selected,
+                "trained_biases": list(self.bias_paths)}
+
+    def training_state(self, model: nn.Module) -> dict[str, Any]:
+        return {"indices": {p: w.sparse_indices.cpu().clone() for p, w in self.wrappers(model).items()}}
+
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """The mask is recomputed on resume (deterministically); a different one would not continue the run."""
+        for path, w in self.wrappers(model).items():
+            saved = state.get("indices", {}).get(path)
+            if saved is not None and not torch.equal(saved, w.sparse_indices.cpu()):
+                raise UserError(f"--resume: the recomputed {self.name} mask of {path} differs from the checkpoint's "
+                                "(data or model changed); pass --overwrite to start over")
+
+
+# ----------------------------------------------------------------- the four mask rules
+@register
+class PaFi(SparseMethod):
+    name = "pafi"
+    summary = "train the k smallest-magnitude pretrained entries (task-agnostic mask, no data); merged in place"
+    Options = PafiOptions
+
+    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {p: model.get_submodule(p).weight.detach().abs() for p in self.eligible}
+
+
+class FisherMask(SparseMethod):
+    """Masks from the empirical Fisher of the training data, computed before training."""
+
+    needs_data = True
+
+    def fisher(self, model: nn.Module, trainer) -> dict[str, torch.Tensor]:
+        """mean over num_samples examples of (d loss / d W)^2 for every eligible weight (dense, once)."""
+        o = self.opts
+        weights = {p: model.get_submodule(p).weight for p in self.eligible}
+        flags = {p: w.requires_grad for p, w in weights.items()}
+        fisher = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
+        for w in weights.values():
+            w.requires_grad_(True)
+        rows = trainer.sample_rows(o.num_samples)
+        was_training = model.training
+        model.eval()  # no dropout: the Fisher of the model itself
+        for a in range(0, len(rows), o.fisher_batch_size):
+            loss, _ = trainer.loss_module(**trainer.collated(rows[a:a + o.fisher_batch_size]))
+            grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            for p, g in zip(weights, grads, strict=True):
+                if g is not None:
+                    fisher[p] += g.float().square()
+        model.train(was_training)
+        for p, w in weights.items():
+            w.requires_grad_(flags[p])
+        n = max(1, math.ceil(len(rows) / o.fisher_batch_size))
+        return {p: f / n for p, f in fisher.items()}
+
+    def before_training(self, model: nn.Module, trainer) -> None:
+        self.install(model, self.fisher(model, trainer), largest=True)
+        super().check_trainable(model)
+
+
+@register
+class Fish(FisherMask):
+    name = "fish"
+    summary = "train the k entries with the largest empirical Fisher on the task data (FISH mask)"
+    Options = FishOptions
+
+
+@register
+class ChildTuning(FisherMask):
+    name = "child_tuning"
+    summary = "Child-Tuning: D = Fisher mask keeping reserve_p; F = per-step Bernoulli gradient mask (dense delta)"
+    Options = ChildTuningOptions
+
+    def before_training(self, model: nn.Module, trainer) -> None:
+        if self.opts.mode == "d":
+            return super().before_training(model, trainer)
+        self.install(model, None)  # F: every eligible entry, its gradient masked before each update
+        self.seed = trainer.tcfg.seed
+        super().check_trainable(model)
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """F: keep each gradient entry with probability reserve_p, scaled by 1/reserve_p. The draw depends on
+        (seed, step) only: the same on every process and after a resume."""
+        if self.opts.mode != "f":
+            return
+        p = self.opts.reserve_p
+        g = torch.Generator().manual_seed(getattr(self, "seed", 0) * 1_000_003 + step)
+        for w in self.wrappers(model).values():
+            if w.sparse_values.grad is not None:
+                keep = torch.rand(w.sparse_values.shape, generator=g) < p
+                w.sparse_values.grad.mul_(keep.to(w.sparse_values.grad.device) / p)
+
+
+@register
+class LtSft(SparseMethod):
+    name = "lt_sft"
+    summary = "LT-SFT: full fine-tuning phase, keep the entries that moved most, reset, sparse phase"
+    Options = LtSftOptions
+    needs_data = True
+
+    def before_training(self, model: nn.Module, trainer) -> None:
+        o = self.opts
+        steps = o.full_steps or max(1, trainer.total_steps // 4)
+        weights = {p: model.get_submodule(p).weight for p in self.eligible}
+        extra = [p for p in model.parameters() if p.requires_grad]  # head, biases: trained in both phases
+        start = {p: w.detach().clone() for p, w in weights.items()}
+        start_extra = [p.detach().clone() for p in extra]
+        for w in weights.values():
+            w.requires_grad_(True)
+        optimizer = torch.optim.AdamW([*weights.values(), *extra], lr=o.full_lr or trainer.tcfg.lr / 10,
+                                      weight_decay=trainer.tcfg.weight_decay)
+        trainer.dense_phase(optimizer, steps, label="phase 1/2: full fine-tuning")
+        with torch.no_grad():
+            moved = {p: (w - start[p]).abs() for p, w in weights.items()}
+            for p, w in weights.items():  # reset: the sparse phase starts from the pretrained model
+                w.copy_(start[p])
+                w.requires_grad_(False)
+            for p, s in zip(extra, start_extra, strict=True):
+                p.copy_(s)
+        del optimizer, start, start_extra
+        self.install(model, moved, largest=True)
+        super().check_trainable(model)
