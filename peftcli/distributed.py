@@ -145,10 +145,21 @@ class GlobalBatches:
         return max(1, math.ceil(self.n_rows / self.global_size))
 
     def order(self, epoch: int) -> list[int]:
-        if getattr(self, "_cached", (None,))[0] != epoch:  # one permutation per epoch, not per step
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.n_rows, generator=g).tolist())
-        return self._cached[1]
+        """The epoch's permutation: the one torch's DataLoader(shuffle=True, generator=manual_seed(seed))
+        gives (per epoch its iterator draws a shared seed, then the RandomSampler a permutation, and an unused
+        one at the epoch's end), so a plain torch loop with the same seed (the bench's HF PEFT peer) sees the
+        same batches."""
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] > epoch:
+            cached = (-1, None, torch.Generator().manual_seed(self.seed))
+        e, perm, g = cached
+        while e < epoch:
+            if e >= 0:
+                torch.randperm(self.n_rows, generator=g)  # the sampler's empty tail draw of the previous epoch
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the iterator's shared seed
+            perm, e = torch.randperm(self.n_rows, generator=g).tolist(), e + 1
+        self._cached = (e, perm, g)
+        return perm
 
     def step_indices(self, step: int) -> list[int]:
         """Row indices of optimizer step `step` (0-based), all processes and micro-batches together."""

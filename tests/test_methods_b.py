@@ -78,9 +78,11 @@ CASES = [
     ("hiwi-bias-gpt2", "gpt2", {"name": "hiwi", "r": R},
      LAYERS * (2 * R * 4 * H + 2 * R * H)),  # mlp.c_fc (out 128), mlp.c_proj (out 32)
     ("hiwi-weight-llama", "llama", {"name": "hiwi", "r": R},
-     LAYERS * 2 * R * (H + H + INTER)),  # gate/up (in 32), down (in 64)
+     LAYERS * 2 * R * (INTER + INTER + H)),  # the paper's tokens have the output size: gate/up (out 64), down (out 32)
     ("hiwi-weight-bert", "bert", {"name": "hiwi", "r": R, "form": "weight", "activation": "tanh", "init": "normal"},
-     LAYERS * 2 * R * (H + INTER)),
+     LAYERS * 2 * R * (INTER + H)),  # intermediate.dense (out 64), output.dense (out 32); [W; b] rows
+    ("hiwi-weight_in-llama", "llama", {"name": "hiwi", "r": R, "form": "weight_in"},
+     LAYERS * 2 * R * (H + H + INTER)),  # rows of torch's weight: gate/up (in 32), down (in 64)
     ("said-bert", "bert", {"name": "said", "d": 300}, 300),
     ("said-gpt2", "gpt2", {"name": "said", "d": 300, "include_norms": True}, 300),
     ("did-llama", "llama", {"name": "did", "d": 300}, 300),
@@ -349,3 +351,36 @@ def test_said_budget_storage_and_errors():
         wrong.load_state_dict(fresh, sd)
     with pytest.raises(UserError, match="tied"):
         build_method({"name": "did", "d": 300, "include_embeddings": True}).apply(make("gpt2"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("form", ["bias", "weight", "weight_in"])
+def test_hiwi_forms_match_the_hand_written_formula(arch, form):
+    """Each form against the formula written out here (paper notation: h = x W + b, W (in, out)), in the
+    forward pass and in the merged module, with a trained-like adapter (not the module's own new_weight)."""
+    _, model, method = applied(arch, {"name": "hiwi", "r": R, "form": form, "activation": "tanh"})
+    path, w = next(iter(method.wrappers(model).items()))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        w.hiwi_down.copy_(torch.randn(w.hiwi_down.shape, generator=g) * 0.3)
+        w.hiwi_up.copy_(torch.randn(w.hiwi_up.shape, generator=g) * 0.3)
+    base = w.base_layer
+    W = base.weight.detach() if not isinstance(base, torch.nn.Linear) else base.weight.detach().T  # (in, out)
+    b = base.bias.detach()
+    down, up = w.hiwi_down.detach(), w.hiwi_up.detach()
+    if form == "bias":
+        W2, b2 = W, b + torch.tanh(b @ down) @ up
+    elif form == "weight":
+        M = torch.cat([W, b[None]])  # the bias is one more row: tokens of the output size
+        M2 = M + torch.tanh(M @ down) @ up
+        W2, b2 = M2[:-1], M2[-1]
+    else:
+        Wt = W.T  # torch's (out, in) rows: tokens of the input size
+        W2, b2 = (Wt + torch.tanh(Wt @ down) @ up).T, b
+    x = torch.randn(3, W.shape[0], generator=g)
+    with torch.no_grad():
+        assert torch.allclose(w(x), x @ W2 + b2, atol=1e-5)
+        merged = w.merged_module()
+    got_w = merged.weight if not isinstance(merged, torch.nn.Linear) else merged.weight.T
+    assert torch.allclose(got_w, W2, atol=1e-6) and torch.allclose(merged.bias, b2, atol=1e-6)
+    assert down.shape[0] == (W.shape[0] if form == "weight_in" else W.shape[1])

@@ -1,9 +1,15 @@
 """HiWi (Liao, Meng, Monz, ACL 2023, "Parameter-efficient fine-tuning without introducing new latency").
 
-The adapter is applied to the pretrained *parameters* of a linear layer, not to its hidden states:
+The adapter is applied to the pretrained *parameters* of a linear layer, not to its hidden states. In the
+paper's notation the layer is `h = x W + b` with W of shape (in, out) (torch's (out, in) weight transposed),
+and the bias is "one more row" of W, so every token has the layer's output size:
 - `form: bias`:   b' = b + f(b W_down) W_up, the bias b (out,) is one token; W_down (out, r), W_up (r, out).
-- `form: weight`: W' = W + f(W W_down) W_up, each row of W (out, in) is a token; W_down (in, r), W_up (r, in).
-The layer then computes `x W'^T + b'` (a Conv1D's weight is used transposed). W_up starts at zero, so
+- `form: weight` (the paper's): M = [W; b] ((in + 1, out), or (in, out) without a bias), every row a token:
+  M' = M + f(M W_down) W_up with the same W_down (out, r), W_up (r, out) as the bias form: one adapter
+  serves the weight and the bias together.
+- `form: weight_in` (our earlier choice, kept as an option): each row of torch's (out, in) weight is a
+  token of the input size: W' = W + f(W W_down) W_up with W_down (in, r), W_up (r, in); the bias is untouched.
+The layer then computes `x W' + b'`. W_up starts at zero, so
 training starts exactly at the pretrained model. Our choices (the paper leaves them open):
 W_down init `kaiming` (kaiming-uniform(a=sqrt 5) with fan-in = the token size, as LoRA's A) or
 `normal` (std `init_std`); activation f relu by default (gelu, tanh, identity); default targets the
@@ -49,8 +55,9 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "identity": l
 class HiwiOptions(MethodOptions):
     name: Literal["hiwi"] = "hiwi"
     r: int = Field(8, ge=1, description="adapter bottleneck")
-    form: Literal["bias", "weight"] | None = Field(
-        None, description="adapt the bias vectors or the weight rows; null: bias when every target has a bias")
+    form: Literal["bias", "weight", "weight_in"] | None = Field(
+        None, description="bias: the bias vectors; weight: the paper's (in+1, out) [W; b] rows; weight_in: torch's weight rows; "
+        "null: bias when every target has a bias")
     activation: Literal["relu", "gelu", "tanh", "identity"] = "relu"
     init: Literal["kaiming", "normal"] = Field("kaiming", description="init of W_down (W_up starts at zero)")
     init_std: float = Field(0.02, gt=0, description="std of W_down for init: normal")
@@ -68,7 +75,7 @@ class HiwiLinear(AdapterModule):
         self.act = ACTIVATIONS[activation]
         self.in_features, self.out_features = linear_shape(base)
         self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
-        n = self.out_features if form == "bias" else self.in_features  # token size
+        n = self.in_features if form == "weight_in" else self.out_features  # token size
         kw = {"device": base.weight.device, "dtype": _adapter_dtype(base)}
         down = torch.empty(r, n, **kw)  # laid out as a Linear(n, r) weight, so fan-in is n
         if init == "kaiming":
@@ -93,23 +100,31 @@ class HiwiLinear(AdapterModule):
         b32 = b.to(self.hiwi_up.dtype)
         return (b32 + self.act(b32 @ self.hiwi_down) @ self.hiwi_up).to(b.dtype)
 
-    def new_weight(self) -> torch.Tensor:
-        w = self.base_weight()
-        w32 = w.to(self.hiwi_up.dtype)
-        return (w32 + self.act(w32 @ self.hiwi_down) @ self.hiwi_up).to(w.dtype)
+    def new_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W' in torch's (out, in) layout, b') for the weight forms."""
+        w, b = self.base_weight(), self.base_layer.bias
+        dt = self.hiwi_up.dtype
+        if self.form == "weight_in":
+            w32 = w.to(dt)
+            return (w32 + self.act(w32 @ self.hiwi_down) @ self.hiwi_up).to(w.dtype), b
+        m = w.T.to(dt) if b is None else torch.cat([w.T.to(dt), b.to(dt)[None]])  # (in [+ 1], out): rows are tokens
+        m = m + self.act(m @ self.hiwi_down) @ self.hiwi_up
+        return m[: self.in_features].T.to(w.dtype), None if b is None else m[self.in_features].to(b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "bias":
             return F.linear(x, self.base_weight(), self.new_bias())
-        return F.linear(x, self.new_weight(), self.base_layer.bias)
+        return F.linear(x, *self.new_weight())
 
     def merged_module(self) -> nn.Module:
         base = self.base_layer
         if self.form == "bias":
             base.bias.data = self.new_bias().detach()
         else:
-            w = self.new_weight().detach()
-            base.weight.data = (w.T if self.transposed else w).contiguous()
+            w, b = self.new_weight()
+            base.weight.data = (w.detach().T if self.transposed else w.detach()).contiguous()
+            if b is not None:
+                base.bias.data = b.detach()
         return base
 
 
