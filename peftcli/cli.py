@@ -163,15 +163,21 @@ ForceOpt = Annotated[bool, typer.Option(help="merge even if the base weights dif
 OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output directory")]
 
 
-def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json) -> None:
+def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json, verify=None, in_memory=False) -> None:
     from peftcli.merge import merge_adapter
 
-    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite)
+    def progress(name: str, i: int, n: int) -> None:
+        if n > 1 and not as_json:
+            err_console.print(f"merging shard {i}/{n}: {name}", highlight=False)
+
+    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite, verify, in_memory, progress)
     if as_json:
         _print_json(res)
-    else:
-        console.print(f"merged {res['method']} into the base ({res['dtype']}): max |logit difference| "
-                      f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}) -> [bold]{res['output']}[/] in {res['seconds']}s")
+        return
+    how = "streamed shard by shard" if res.get("path") == "streaming" else "in memory"
+    check = (f"max |logit difference| {res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g})" if res.get("verified")
+             else f"not verified ({res.get('verify_skipped')})")
+    console.print(f"merged {res['method']} into the base ({res['dtype']}, {how}): {check} -> [bold]{res['output']}[/] in {res['seconds']}s")
 
 
 @app.command()
@@ -183,37 +189,62 @@ def merge(
     dtype: DtypeOpt = None,
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="compare logits of the unmerged adapter and the "
+                                                "merged model (default: when the model fits in memory)")] = None,
+    in_memory: Annotated[bool, typer.Option("--in-memory", help="load the whole model and merge with the method's own merge "
+                                            "(default: stream shard by shard when the adapter allows)")] = False,
     as_json: JsonOpt = False,
 ):
-    """Fold the adapter into the base weights; verify merged logits equal the adapter's."""
-    _merge(adapter, output, base, dtype, force, overwrite, as_json)
+    """Fold the adapter into the base weights (shard by shard from the base's safetensors files when every
+    part of the adapter merges per tensor); verify merged logits equal the adapter's. --dtype: output precision."""
+    _merge(adapter, output, base, dtype, force, overwrite, as_json, verify, in_memory)
 
 
 class Format(StrEnum):
     peft = "peft"
     merged = "merged"
     gguf = "gguf"
+    gguf_lora = "gguf-lora"
 
 
 @app.command()
 @user_errors
 def export(
-    adapter: Annotated[Path, typer.Argument(help="adapter directory")],
-    output: MergeOut,
-    format: Annotated[Format, typer.Option("--format", "-f", help="peft: HF PEFT adapter dir; merged: safetensors model")] = Format.peft,
+    adapter: Annotated[Path, typer.Argument(help="adapter directory (--format gguf: or a merged model directory)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output directory (peft, merged) or .gguf file (gguf, gguf-lora)")],
+    format: Annotated[Format, typer.Option("--format", "-f", help="peft: HF PEFT adapter dir; merged: safetensors model; "
+                                           "gguf: llama.cpp model file (Llama family); gguf-lora: llama.cpp LoRA adapter file")] = Format.peft,
     base: BaseOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: Annotated[str | None, typer.Option(help="merged: float32|bfloat16|float16; gguf, gguf-lora: f32|f16|bf16|q8_0 "
+                                              "(default: the model's dtype; f32 for gguf-lora)")] = None,
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
+    verify: Annotated[bool, typer.Option(help="gguf: reload the file through transformers and compare logits, "
+                                         "encodings and chat template before it is renamed into place")] = True,
     as_json: JsonOpt = False,
 ):
-    """Write what deployment tools read: the HF PEFT adapter layout or a merged model."""
+    """Write what deployment tools read: the HF PEFT adapter layout, a merged model, or GGUF for llama.cpp."""
     from peftcli.errors import UserError
 
+    if format in (Format.gguf, Format.gguf_lora):
+        from peftcli.gguf_export import export_gguf, export_gguf_lora
+
+        if format is Format.gguf:
+            res = export_gguf(adapter, output, dtype, base, force, overwrite, verify)
+            check = f": max |logit difference| {res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g})" if verify else " (not verified)"
+            text = f"GGUF ({res['dtype']}, {res['source']}){check} -> [bold]{res['output']}[/] in {res['seconds']}s"
+        else:
+            res = export_gguf_lora(adapter, output, dtype, base, force, overwrite)
+            text = (f"llama.cpp LoRA adapter ({res['modules']} modules, r={res['rank']}, alpha={res['alpha']:.6g}, {res['dtype']}) "
+                    f"-> [bold]{res['output']}[/]")
+        return _print_json(res) if as_json else console.print(text)
+    if dtype is not None:
+        dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+        if dtype not in Dtype.__members__:
+            raise UserError(f"--dtype {dtype}: --format {format.value} takes one of {', '.join(Dtype.__members__)}")
+        dtype = Dtype(dtype)
     if format is Format.merged:
         return _merge(adapter, output, base, dtype, force, overwrite, as_json)
-    if format is Format.gguf:
-        raise UserError("--format gguf is not available yet; use --format merged and llama.cpp's convert_hf_to_gguf.py")
     from peftcli.export import export_peft
 
     res = export_peft(adapter, output, overwrite)
