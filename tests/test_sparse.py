@@ -220,3 +220,28 @@ def test_train_inspect_merge_through_the_cli(tmp_path, tiny_llama_dir):
     merged = runner.invoke(app, ["merge", str(tmp_path / "out"), "-o", str(tmp_path / "m"), "--json"])
     assert merged.exit_code == 0, merged.output
     assert json.loads(merged.stdout)["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and GPT-2's transposed Conv1D
+@pytest.mark.parametrize("gather", [True, False])
+def test_value_gradients_equal_the_dense_weight_gradient(arch, gather, monkeypatch):
+    from peftcli.methods import sparse
+
+    monkeypatch.setattr(sparse, "GATHER_BELOW", 1.1 if gather else 0.0)
+    monkeypatch.setattr(sparse, "GATHER_BYTES", 4096)  # several token chunks
+    base = tiny_model(arch)
+    layer = next(m for n, m in base.named_modules() if is_linear(m) and n.count(".") >= 3)
+    idx = torch.randperm(layer.weight.numel(), generator=torch.Generator().manual_seed(1))[:40].sort().values
+    wrapper = SparseDeltaLinear(layer, idx)
+    with torch.no_grad():
+        wrapper.sparse_values.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(3, 7, layer.weight.shape[0] if arch == "gpt2" else layer.weight.shape[1], requires_grad=True)
+    wrapper(x).square().sum().backward()
+    # reference: autograd through a dense W + scatter(values)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    eff = w + torch.zeros(w.numel()).index_add(0, idx, wrapper.sparse_values.detach()).view_as(w)
+    out = x_ref @ eff + layer.bias if arch == "gpt2" else torch.nn.functional.linear(x_ref, eff, layer.bias)
+    out.square().sum().backward()
+    assert torch.allclose(wrapper.sparse_values.grad, w.grad.reshape(-1)[idx], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)

@@ -18,8 +18,9 @@ weight, `sparse_indices` (flat positions in the base weight's own storage layout
 `sparse_values`, the only trainable tensor (k entries, zero at init: outputs unchanged). So the
 parameters and the optimizer's moments scale with k, not with the dense tensors. Forward builds
 W + scatter(values) for the layer's matmul and drops it; backward rebuilds it for the input gradient and
-reads the k entries of the dense weight gradient. That dense gradient (one layer's weight size) exists
-transiently, one layer at a time; no dense gradient is kept or accumulated. Fish and Child-Tuning D need
+computes the k value gradients alone, gathering the output gradient and input columns of the selected
+entries per token chunk: no weight-size gradient exists. (A layer whose mask holds 5% or more of its
+entries, e.g. Child-Tuning's 30%, takes one transient dense matmul instead, one layer at a time.) Fish and Child-Tuning D need
 dense gradients of every eligible tensor while the mask is computed (before training), LT-SFT's first phase
 is a dense fine-tune: both cost dense memory once, and are re-done identically on --resume.
 
@@ -49,13 +50,14 @@ from peftcli.errors import UserError
 from peftcli.methods import register
 from peftcli.methods.base import HEADS, PREFIX, AdapterModule, Method, MethodOptions, replace_module
 from peftcli.methods.lora import TargetSpec, _adapter_dtype
-from peftcli.methods.targets import is_linear, resolve_targets
+from peftcli.methods.targets import is_linear, layer_index, resolve_targets
 
 
 class SparseOptions(MethodOptions):
     density: float = Field(0.005, gt=0, le=1, description="fraction of the eligible entries that are trained")
     scope: Literal["global", "per_tensor"] = Field("global", description="one threshold over all eligible entries, or per tensor")
-    target_modules: TargetSpec = Field("all-linear", description="eligible layers (their weight matrices): regex, list or all-linear")
+    target_modules: TargetSpec = Field(None, description="eligible layers (their weight matrices): regex, list, all-linear, "
+                                       "or null: every linear layer inside the transformer blocks")
     exclude_modules: TargetSpec = None
     train_bias: bool = Field(False, description="train the eligible layers' biases in full")
     train_head: bool = Field(True, description="a classification head trained in full (else it is eligible for the mask)")
@@ -91,32 +93,45 @@ class ChildTuningOptions(SparseOptions):
         return self
 
 
+GATHER_BELOW = 0.05  # below this density a layer's value gradients are gathered, above it one dense matmul
+GATHER_BYTES = 32 << 20  # token chunk of the gathered products
+
+
 class _SparseLinear(torch.autograd.Function):
-    """y = x (W + S)^T + b with S = scatter(values at indices); W frozen. Saves x, not W + S."""
+    """y = x (W + S)^T + b with S = scatter(values at indices); W frozen. Saves x, not W + S.
+
+    The values' gradient is dW[out_j, in_j] = sum_t g[t, out_j] x[t, in_j]. For a sparse mask it is computed
+    for the k selected entries only (a gather of g and x per token chunk: k/(in*out) of a dense weight
+    gradient's multiply-adds, no weight-size tensor); a dense delta (or a dense-ish mask) uses one matmul."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, transposed, dense):
+    def forward(ctx, x, weight, bias, values, indices, out_idx, in_idx, transposed, dense):
         w = _with_delta(weight, values, indices, dense)
         out = F.linear(x, w.T if transposed else w, bias)
-        ctx.save_for_backward(x, weight, values, indices)
+        ctx.save_for_backward(x, weight, values, indices, out_idx, in_idx)
         ctx.transposed, ctx.dense = transposed, dense
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, values, indices = ctx.saved_tensors
+        x, weight, values, indices, out_idx, in_idx = ctx.saved_tensors
         grad_x = grad_values = None
-        w = _with_delta(weight, values, indices, ctx.dense)
-        lin = w.T if ctx.transposed else w  # (out, in)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ lin.to(grad_out.dtype)
+            w = _with_delta(weight, values, indices, ctx.dense)
+            grad_x = grad_out @ (w.T if ctx.transposed else w).to(grad_out.dtype)
         if ctx.needs_input_grad[3]:
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-            dense = g2.T.to(values.dtype) @ x2.to(values.dtype)  # (out, in): transient, one layer
-            if ctx.transposed:
-                dense = dense.T
-            grad_values = dense.reshape(-1) if ctx.dense else dense.reshape(-1).index_select(0, indices)
-        return grad_x, None, None, grad_values, None, None, None
+            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(values.dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
+            if ctx.dense or values.numel() >= GATHER_BELOW * weight.numel():
+                full = g2.T @ x2  # (out, in): one layer's weight-size gradient, transient
+                full = (full.T if ctx.transposed else full).reshape(-1)
+                grad_values = full if ctx.dense else full.index_select(0, indices)
+            else:
+                grad_values = torch.zeros_like(values)
+                rows = max(1, GATHER_BYTES // (8 * values.numel()))
+                for a in range(0, g2.shape[0], rows):
+                    grad_values += (g2[a:a + rows].index_select(1, out_idx) * x2[a:a + rows].index_select(1, in_idx)).sum(0)
+        return grad_x, None, None, grad_values, None, None, None, None, None
 
 
 def _with_delta(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dense: bool) -> torch.Tensor:
@@ -141,10 +156,16 @@ class SparseDeltaLinear(AdapterModule):
                              else indices.to(device=w.device, dtype=torch.long), persistent=False)
         n = w.numel() if self.dense else self.sparse_indices.numel()
         self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=_adapter_dtype(base)))
+        # (output, input) position of every selected entry, for the gathered gradient
+        rows, cols = self.sparse_indices // w.shape[1], self.sparse_indices % w.shape[1]
+        out_idx, in_idx = (cols, rows) if self.transposed else (rows, cols)
+        self.register_buffer("sparse_out", out_idx, persistent=False)
+        self.register_buffer("sparse_in", in_idx, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
-        return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.transposed, self.dense)
+        return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.sparse_out,
+                                   self.sparse_in, self.transposed, self.dense)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"sparse_values": self.sparse_values}
@@ -213,7 +234,9 @@ class SparseMethod(Method):
     # ------------------------------------------------------------- which tensors
     def inject(self, model: nn.Module) -> None:
         o = self.opts
-        self.eligible = resolve_targets(model, o.target_modules, o.exclude_modules, supported=is_linear)
+        self.eligible = resolve_targets(model, o.target_modules or "all-linear", o.exclude_modules, supported=is_linear)
+        if o.target_modules is None:  # the blocks only: no pooler or other layers outside them
+            self.eligible = [p for p in self.eligible if layer_index(p) is not None]
         if not o.train_head:
             self.eligible += [h for h in HEADS if is_linear(getattr(model, h, None) or nn.Identity())]
         if o.train_bias:
