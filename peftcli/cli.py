@@ -163,15 +163,21 @@ ForceOpt = Annotated[bool, typer.Option(help="merge even if the base weights dif
 OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output directory")]
 
 
-def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json) -> None:
+def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json, verify=None, in_memory=False) -> None:
     from peftcli.merge import merge_adapter
 
-    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite)
+    def progress(name: str, i: int, n: int) -> None:
+        if n > 1 and not as_json:
+            err_console.print(f"merging shard {i}/{n}: {name}", highlight=False)
+
+    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite, verify, in_memory, progress)
     if as_json:
         _print_json(res)
-    else:
-        console.print(f"merged {res['method']} into the base ({res['dtype']}): max |logit difference| "
-                      f"{res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g}) -> [bold]{res['output']}[/] in {res['seconds']}s")
+        return
+    how = "streamed shard by shard" if res.get("path") == "streaming" else "in memory"
+    check = (f"max |logit difference| {res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g})" if res.get("verified")
+             else f"not verified ({res.get('verify_skipped')})")
+    console.print(f"merged {res['method']} into the base ({res['dtype']}, {how}): {check} -> [bold]{res['output']}[/] in {res['seconds']}s")
 
 
 @app.command()
@@ -183,10 +189,15 @@ def merge(
     dtype: DtypeOpt = None,
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="compare logits of the unmerged adapter and the "
+                                                "merged model (default: when the model fits in memory)")] = None,
+    in_memory: Annotated[bool, typer.Option("--in-memory", help="load the whole model and merge with the method's own merge "
+                                            "(default: stream shard by shard when the adapter allows)")] = False,
     as_json: JsonOpt = False,
 ):
-    """Fold the adapter into the base weights; verify merged logits equal the adapter's."""
-    _merge(adapter, output, base, dtype, force, overwrite, as_json)
+    """Fold the adapter into the base weights (shard by shard from the base's safetensors files when every
+    part of the adapter merges per tensor); verify merged logits equal the adapter's. --dtype: output precision."""
+    _merge(adapter, output, base, dtype, force, overwrite, as_json, verify, in_memory)
 
 
 class Format(StrEnum):

@@ -52,8 +52,9 @@ def base_model_cfg(adapter: adapter_io.AdapterDir, base: str | None, dtype: str 
 
 
 def layout(model) -> dict:
-    types = {n: type(m).__name__ for n, m in model.named_modules()}
-    return {n: (tuple(p.shape), types[n.rpartition(".")[0]]) for n, p in model.named_parameters()}
+    """Parameter name -> (shape, module type), tied aliases included (a merge may untie them)."""
+    types = {n: type(m).__name__ for n, m in model.named_modules(remove_duplicate=False)}
+    return {n: (tuple(p.shape), types[n.rpartition(".")[0]]) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def load_adapted(path: str | Path, base: str | None = None, dtype: str | None = None, force: bool = False) -> Adapted:
@@ -90,27 +91,134 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 
 def merge_adapter(path: str | Path, output: str | Path, base: str | None = None, dtype: str | None = None,
-                  force: bool = False, overwrite: bool = False) -> dict:
-    from peftcli.models import DTYPES, model_class_for
+                  force: bool = False, overwrite: bool = False, verify: bool | None = None, in_memory: bool = False,
+                  progress=None) -> dict:
+    """Merge `path` into its base and write the model to `output` (atomically: a temp directory renamed
+    at the end, removed on any failure). Streams shard by shard (streaming.py) when every part of the
+    adapter has a per-tensor merge and the base is safetensors on disk; otherwise, or with
+    `in_memory`, loads the model and merges with the method's own `merge`. `verify` (None: when the
+    model fits in memory) compares logits of the unmerged adapter and the written model."""
+    from peftcli import streaming
 
     output = Path(output)
     if output.exists() and any(output.iterdir() if output.is_dir() else [output]) and not overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another directory")
     t0 = time.perf_counter()
+    plan: streaming.Plan | str = "--in-memory"
+    if not in_memory:
+        adapter = adapter_io.read_adapter(path)
+        plan = streaming.plan_merge(adapter, base_model_cfg(adapter, base, dtype), force)
+    if isinstance(plan, str):
+        res = _merge_in_memory(path, output, base, dtype, force, verify)
+        res.update(path="in-memory", in_memory_reason=plan)
+    else:
+        res = _merge_streaming(plan, path, output, base, dtype, force, verify, progress)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _fits_in_memory(nbytes: int) -> tuple[bool, int]:
+    """Whether loading a model of `nbytes` twice over (unmerged, then the merged reload) leaves room."""
+    avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 2 * nbytes + (1 << 30) <= avail, avail
+
+
+def _make_tmp(output: Path) -> tuple[Path, Path | None]:
+    """A temp directory beside `output`, and the first parent directory created for it (removed again
+    on failure, so nothing is left behind)."""
+    created = next((p for p in reversed([output.parent, *output.parent.parents]) if not p.exists()), None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-")), created
+
+
+def _cleanup(tmp: Path, created: Path | None) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def _compare(before: torch.Tensor, after: torch.Tensor, dtype: str) -> tuple[float, float]:
+    max_diff = (after - before).abs().max().item()
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE["float32"])
+    tol = atol + rtol * before.abs().max().item()
+    if not max_diff <= tol:
+        raise MergeMismatch(f"merged logits differ from the adapter's by {max_diff:.3g} > tolerance {tol:.3g} ({dtype}); nothing written")
+    return max_diff, tol
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(tmp, output)
+
+
+def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progress) -> dict:
+    import gc
+
+    from peftcli import streaming
+    from peftcli.models import DTYPES, model_class_for
+
+    fits, avail = _fits_in_memory(plan.total_bytes)
+    do_verify = fits if verify is None else verify
+    before = None
+    if do_verify:  # the unmerged adapter's logits, from the model in memory, freed before the merge
+        a = load_adapted(path, base, dtype, force)
+        tok = a.loaded.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        before = probe_logits(a.loaded.model, tok)
+        del a
+        gc.collect()
+    tmp, created = _make_tmp(output)
+    try:
+        facts = streaming.write_merged(plan, tmp, progress)
+        max_diff = tol = None
+        if do_verify:
+            tok = plan.tokenizer
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            reloaded = model_class_for(plan.task).from_pretrained(tmp, dtype=DTYPES.get(plan.dtype, torch.float32)).eval()
+            after = probe_logits(reloaded, tok)
+            del reloaded
+            max_diff, tol = _compare(before, after, plan.dtype)
+        _publish(tmp, output)
+    except BaseException:
+        _cleanup(tmp, created)
+        raise
+    res = {"output": str(output), "method": plan.method, "dtype": plan.dtype, "max_abs_diff": max_diff, "tolerance": tol,
+           "path": "streaming", "verified": do_verify, **facts}
+    if not do_verify:
+        res["verify_skipped"] = ("--no-verify" if verify is False else
+                                 f"the model ({plan.total_bytes / 2**30:.1f} GiB) does not fit twice in the available "
+                                 f"memory ({avail / 2**30:.1f} GiB); --verify forces it")
+    return res
+
+
+def _merge_in_memory(path, output: Path, base, dtype, force, verify) -> dict:
+    from peftcli.models import DTYPES, model_class_for
+
     a = load_adapted(path, base, dtype, force)
     if not a.method.mergeable:
         raise UserError(f"method {a.method.name!r} cannot be folded into the base weights; use `peftcli export --format peft`")
+    do_verify = verify is not False
     model, tok = a.loaded.model, a.loaded.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    before = probe_logits(model, tok)
+    before = probe_logits(model, tok) if do_verify else None
+    _untie_merged(model, a.method)
     a.method.merge(model)
     merged_layout = layout(model)
     if merged_layout != a.base_layout:
         diff = sorted(set(merged_layout.items()) ^ set(a.base_layout.items()))[:2]
         raise RuntimeError(f"merge left the model's layout changed: {diff}")  # a method bug, not a user error
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+    tmp, created = _make_tmp(output)
+    max_diff = tol = None
     try:
         _untie_if_changed(model)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -120,21 +228,16 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
         if getattr(model, "generation_config", None) is not None and a.task == "causal-lm":
             model.generation_config.save_pretrained(tmp)
         del model, a.loaded.model
-        reloaded = model_class_for(a.task).from_pretrained(tmp, dtype=DTYPES.get(a.dtype, torch.float32)).eval()
-        after = probe_logits(reloaded, tok)
-        max_diff = (after - before).abs().max().item()
-        atol, rtol = TOLERANCE.get(a.dtype, TOLERANCE["float32"])
-        tol = atol + rtol * before.abs().max().item()
-        if not max_diff <= tol:
-            raise MergeMismatch(f"merged logits differ from the adapter's by {max_diff:.3g} > tolerance {tol:.3g} ({a.dtype}); nothing written")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
+        if do_verify:
+            reloaded = model_class_for(a.task).from_pretrained(tmp, dtype=DTYPES.get(a.dtype, torch.float32)).eval()
+            max_diff, tol = _compare(before, probe_logits(reloaded, tok), a.dtype)
+            del reloaded
+        _publish(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _cleanup(tmp, created)
         raise
     return {"output": str(output), "method": a.method.name, "dtype": a.dtype, "max_abs_diff": max_diff,
-            "tolerance": tol, "seconds": round(time.perf_counter() - t0, 2)}
+            "tolerance": tol, "verified": do_verify, **({} if do_verify else {"verify_skipped": "--no-verify"})}
 
 
 def align_safetensors(path: Path, align: int = 64) -> None:
@@ -155,6 +258,22 @@ def align_safetensors(path: Path, align: int = 64) -> None:
             g.flush()
             os.fsync(g.fileno())
     os.replace(tmp, path)
+
+
+def _untie_merged(model, method) -> None:
+    """A wrapped module whose weight is shared (GPT-2's lm_head is its token embedding) gets its own
+    Parameter object on the same storage before the merge: merging then changes that module only, as
+    the adapter did, and _untie_if_changed records the untie in the config."""
+    from torch import nn
+
+    users: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        users[id(p)] = users.get(id(p), 0) + 1
+    for w in method.wrappers(model).values():
+        base = getattr(w, "base_layer", None)
+        for name, p in list(base.named_parameters(recurse=False)) if base is not None else []:
+            if users.get(id(p), 0) > 1:
+                setattr(base, name, nn.Parameter(p.data, requires_grad=p.requires_grad))
 
 
 def _untie_if_changed(model) -> None:

@@ -1,0 +1,232 @@
+"""Safetensors files one tensor at a time: a checked header reader whose tensors are views of a
+memory map (pages handed back to the kernel after each tensor), and a writer that lays out the header
+first and then streams the data, so that no whole shard is ever held in memory.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of
+JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data section,
+every byte of it owned by exactly one tensor. We pad the header with spaces so that the data section
+starts on a 64-byte boundary (as merge.align_safetensors does for the in-memory path).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from peftcli.errors import UserError, one_line
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 << 20  # safetensors' own limit
+ALIGN = 64
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: corrupt or truncated safetensors file ({one_line(why, 160)}); "
+                     "re-download or re-save the base model")
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Tensor name -> TensorInfo, and the file's __metadata__. Checks what safetensors checks: a sane
+    header, known dtypes, offsets that match the shapes, and a data section exactly as long as the
+    tensors (a truncated download fails here, before anything is written)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(path, f"{size} bytes, shorter than a header")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                raise _corrupt(path, f"header length {n} exceeds the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise _corrupt(path, f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, h in header.items():
+        try:
+            dtype = ST_DTYPES[h["dtype"]]
+            shape = tuple(int(d) for d in h["shape"])
+            b, e = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"bad header entry for {name!r}") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if any(d < 0 for d in shape) or not 0 <= b <= e or e - b != prod(shape) * itemsize:
+            raise _corrupt(path, f"tensor {name!r}: offsets {[b, e]} do not fit shape {list(shape)} of {h['dtype']}")
+        tensors[name] = TensorInfo(dtype, shape, data_start + b, data_start + e)
+        spans.append((b, e))
+    spans.sort()
+    pos = 0
+    for b, e in spans:
+        if b != pos:
+            raise _corrupt(path, "tensors overlap or leave gaps in the data section")
+        pos = e
+    if data_start + pos != size:
+        what = "truncated" if data_start + pos > size else "trailing bytes"
+        raise _corrupt(path, f"{what}: the header describes {data_start + pos} bytes, the file has {size}")
+    return tensors, meta
+
+
+class MappedFile:
+    """A safetensors file mapped copy-on-write (never written): `get` returns a view of the map,
+    `release` hands the pages of a tensor back to the kernel so that resident memory stays at about
+    one tensor however large the file."""
+
+    def __init__(self, path: str | Path, tensors: dict[str, TensorInfo] | None = None):
+        self.path = Path(path)
+        self.tensors = tensors if tensors is not None else read_header(self.path)[0]
+        self._f = self.path.open("rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._mm = mmap.mmap(self._f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        if t.nbytes == 0:
+            return torch.empty(t.shape, dtype=t.dtype)
+        return torch.frombuffer(self._mm, dtype=t.dtype, count=t.nbytes // t.dtype.itemsize, offset=t.begin).view(t.shape)
+
+    def view_bytes(self, name: str) -> memoryview:
+        t = self.tensors[name]
+        return memoryview(self._mm)[t.begin:t.end] if t.nbytes else memoryview(b"")
+
+    def release(self, name: str) -> None:
+        t = self.tensors[name]
+        lo, hi = t.begin - t.begin % PAGE, t.end
+        if self._mm is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a tensor view is still alive somewhere: the GC unmaps it later
+                pass
+            self._mm = None
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class OutEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * self.dtype.itemsize
+
+
+def header_bytes(entries: list[OutEntry], metadata: dict | None = None) -> tuple[bytes, list[OutEntry]]:
+    """The header (padded so the data starts 64-byte aligned) and the entries in data order: larger
+    element sizes first (every tensor then starts at a multiple of its own element size), the given
+    order within one element size."""
+    order = sorted(entries, key=lambda e: -e.dtype.itemsize)  # stable: keeps the given order otherwise
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    pos = 0
+    for e in order:
+        header[e.name] = {"dtype": ST_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+class ShardWriter:
+    """Writes one safetensors file: header first, then each tensor in `order` as it is produced."""
+
+    def __init__(self, path: str | Path, entries: list[OutEntry], metadata: dict | None = None):
+        self.path = Path(path)
+        head, self.order = header_bytes(entries, metadata)
+        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish()/abort()
+        self._write(head)
+        self._next = 0
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._f.write(view)
+            view = view[n:]
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        e = self.order[self._next]
+        if e.name != name or e.nbytes != nbytes:
+            raise RuntimeError(f"shard writer: got {name} ({nbytes} bytes), expected {e.name} ({e.nbytes} bytes)")
+        self._next += 1
+
+    def write_tensor(self, name: str, t: torch.Tensor) -> None:
+        e = self.order[self._next]
+        if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+            raise RuntimeError(f"shard writer: {name} is {t.dtype} {tuple(t.shape)}, expected {e.dtype} {e.shape}")
+        self._expect(name, t.numel() * t.element_size())
+        if t.numel():
+            self._write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def copy_from(self, name: str, src: MappedFile, src_name: str) -> None:
+        """The bytes of `src_name` unchanged, copied in the kernel (copy_file_range) where it can."""
+        info = src.tensors[src_name]
+        self._expect(name, info.nbytes)
+        offset, left = info.begin, info.nbytes
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    n = os.copy_file_range(src.fileno(), self._f.fileno(), left, offset)
+                    if n == 0:
+                        break
+                    offset += n
+                    left -= n
+            except OSError:
+                pass  # e.g. EXDEV on old kernels: fall back to a plain write below
+        if left:
+            self._write(src.view_bytes(src_name)[offset - info.begin:])
+            src.release(src_name)
+
+    def finish(self) -> None:
+        if self._next != len(self.order):
+            raise RuntimeError(f"shard writer: {len(self.order) - self._next} tensors of {self.path.name} never written")
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()

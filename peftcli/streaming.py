@@ -1,0 +1,567 @@
+"""The big-model merge path: fold an adapter into the base's safetensors files one tensor at a time.
+
+For each shard of the base: map it, and for each tensor either copy its bytes unchanged (in the
+kernel) or read it, apply the adapter's per-tensor merge (fp32 arithmetic, then the output dtype) and
+write it; then the next shard. Resident memory stays at about one tensor (mapped pages are handed back
+after each one) plus the adapter; the whole model is never built. Output shards keep the base's names
+and layout, with the index file when the base has one.
+
+The structure (which tensors an adapter touches, Linear vs Conv1D orientation, tied weights, shapes)
+comes from the model built on the meta device (no memory) with the method applied to it exactly as
+the in-memory path does, and the adapter's tensors are checked against it with the method's own
+`load_state_dict`. The per-tensor merges below repeat, operation for operation, what each method's
+`merged_module` does on the loaded model, so that the output equals the in-memory merge bit for bit.
+Methods without one here (HiWi's weight form, SAID/DID, anything new) keep the in-memory path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftcli import adapter_io
+from peftcli.errors import UserError, one_line
+from peftcli.shards import MappedFile, OutEntry, ShardWriter, TensorInfo, read_header
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STREAMABLE = ("lora", "dora", "ia3", "adalora", "bitfit", "hiwi")  # hiwi: its bias form only
+
+
+# ---------------------------------------------------------------- per-tensor merges
+# Each takes the base tensor as the loaded model holds it (model dtype, the file's (out, in) or, for
+# GPT-2's Conv1D, (in, out) layout) and returns the merged tensor in the same dtype. Adapter tensors
+# arrive as fp32, as the adapter's parameters hold them (method.load_state_dict copies into fp32).
+
+def lora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """W + s B A (LoraLinear.delta_weight + AdapterModule.merged_module). PiSSA adapters are stored as a
+    plain rank-2r LoRA on the original W and merge the same way; rsLoRA only changes s."""
+    delta = (B.float() @ A.float()) * scaling
+    if fan_in_fan_out:
+        delta = delta.T
+    return (w.float() + delta).to(w.dtype)
+
+
+def dora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+               fan_in_fan_out: bool) -> torch.Tensor:
+    """m * (W + s B A) / ||W + s B A||_row (DoraLinear.merged_module)."""
+    wf = w.float()
+    wf = wf.T if fan_in_fan_out else wf
+    directed = wf + (B.float() @ A.float()) * scaling
+    merged = (magnitude.float() / torch.linalg.norm(directed, dim=1))[:, None] * directed
+    return (merged.T if fan_in_fan_out else merged).contiguous().to(w.dtype)
+
+
+def ia3_weight_merge(w: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Rows (scale (out, 1)) or columns (feed-forward: scale (1, in)) of W times the vector (IA3Linear.merged_module)."""
+    wf = w.float()
+    wf = wf.T if fan_in_fan_out else wf
+    wf = wf * scale.float()
+    return (wf.T if fan_in_fan_out else wf).contiguous().to(w.dtype)
+
+
+def ia3_bias_merge(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (b.float() * scale.float().flatten()).to(b.dtype)
+
+
+def adalora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Tensor, init_r: int, alpha: float,
+                  fan_in_fan_out: bool) -> torch.Tensor:
+    """W + alpha/(init_r + 1e-5) P diag(E) Q (SVDLinear.delta_weight). Stored tensors hold only the kept
+    triplets; the loaded module puts them in the first k of init_r slots and masks the rest, so the
+    product runs over init_r (the same summation as the in-memory merge) with zeros in the masked slots."""
+    k = E.shape[0]
+    mask = torch.zeros(init_r, dtype=torch.bool)
+    mask[:k] = True
+    if k < init_r:
+        A = torch.cat([A, A.new_zeros(init_r - k, A.shape[1])], 0)
+        E = torch.cat([E, E.new_zeros(init_r - k, E.shape[1])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], init_r - k)], 1)
+    ranknum = torch.tensor([float(init_r)], dtype=torch.float32)
+    e = E.float() * mask.unsqueeze(1)
+    delta = B.float() @ (A.float() * e) * (alpha / (ranknum.float() + 1e-5))
+    if fan_in_fan_out:
+        delta = delta.T
+    return (w.float() + delta).to(w.dtype)
+
+
+@dataclass
+class Edit:
+    """How the merge changes one base tensor: `replace` (a stored value: modules_to_save, BitFit and
+    HiWi biases) or `modify` (a function of the base tensor: LoRA, DoRA, IA3, AdaLoRA)."""
+
+    kind: str
+    value: torch.Tensor | None = None  # replace
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # modify
+
+
+def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Edit] | str:
+    """The per-tensor merge of an adapter: {base parameter name: Edit}, from the method as applied to
+    `model` (the meta-device skeleton, adapter already checked against it) and the stored tensors.
+    A string instead says why this adapter has no per-tensor merge (the in-memory path then merges it)."""
+    from peftcli.methods.adalora import AdaLoRA, SVDLinear
+    from peftcli.methods.base import PREFIX
+    from peftcli.methods.bitfit import BitFit
+    from peftcli.methods.dora import DoRA, DoraLinear
+    from peftcli.methods.hiwi import HiWi, HiwiLinear
+    from peftcli.methods.ia3 import IA3, IA3Linear
+    from peftcli.methods.lora import LoRA, LoraLinear
+
+    wrapper_of = {LoRA: LoraLinear, DoRA: DoraLinear, IA3: IA3Linear, AdaLoRA: SVDLinear, HiWi: HiwiLinear, BitFit: None}
+    if type(method) not in wrapper_of:
+        return f"method {method.name!r} has no per-tensor merge"
+    used: set[str] = set()
+
+    def t(key: str) -> torch.Tensor:
+        used.add(key)
+        return stored[key].to(torch.float32)  # as the fp32 adapter parameter holds it
+
+    edits: dict[str, Edit] = {}
+    for path, w in method.wrappers(model).items():
+        k, weight = f"{PREFIX}{path}", f"{path}.weight"
+        if type(w) is not wrapper_of[type(method)]:
+            return f"{path}: {type(w).__name__} has no per-tensor merge"
+        if type(w) is LoraLinear:
+            fn = functools.partial(lora_merge, A=t(f"{k}.lora_A.weight"), B=t(f"{k}.lora_B.weight"), scaling=w.scaling,
+                                   fan_in_fan_out=w.fan_in_fan_out)
+        elif type(w) is DoraLinear:
+            fn = functools.partial(dora_merge, A=t(f"{k}.lora_A.weight"), B=t(f"{k}.lora_B.weight"),
+                                   magnitude=t(f"{k}.lora_magnitude_vector"), scaling=w.scaling, fan_in_fan_out=w.fan_in_fan_out)
+        elif type(w) is SVDLinear:
+            fn = functools.partial(adalora_merge, A=t(f"{k}.lora_A"), B=t(f"{k}.lora_B"), E=t(f"{k}.lora_E"), init_r=w.r,
+                                   alpha=w.scaling, fan_in_fan_out=w.fan_in_fan_out)
+        elif type(w) is IA3Linear:
+            scale = t(f"{k}.ia3_l")
+            fn = functools.partial(ia3_weight_merge, scale=scale, fan_in_fan_out=w.fan_in_fan_out)
+            if not w.is_feedforward and w.base_layer.bias is not None:
+                edits[f"{path}.bias"] = Edit("modify", fn=functools.partial(ia3_bias_merge, scale=scale))
+        elif type(w) is HiwiLinear and w.form == "bias":
+            # the stored b' replaces b; the loaded layer computes b' + f(b' W_down) 0 = b' exactly
+            edits[f"{path}.bias"] = Edit("replace", value=t(f"{k}.bias"))
+            continue
+        else:
+            return f"HiWi's {w.form} form has no per-tensor merge"
+        edits[weight] = Edit("modify", fn=fn)
+    replaced = [f"{p}.bias" for p in getattr(method, "bias_paths", [])] if type(method) is BitFit else []
+    for path in method.saved_modules:
+        replaced += [f"{path}.{local}" for local, _ in model.get_submodule(path).named_parameters()]
+    for name in replaced:
+        if name in edits:
+            return f"{name} is both replaced and merged"
+        edits[name] = Edit("replace", value=stored[f"{PREFIX}{name}"])
+        used.add(f"{PREFIX}{name}")
+    left = sorted(set(method.state_dict(model)) - used)
+    if left:  # a safety net: every stored tensor must have been folded somewhere
+        return f"adapter tensor {left[0]} has no per-tensor merge"
+    return edits
+
+
+# ---------------------------------------------------------------- the base's files
+
+@dataclass
+class BaseFiles:
+    dir: Path
+    headers: dict[str, dict[str, TensorInfo]]  # file name -> its tensors
+    where: dict[str, str]  # tensor name -> file name
+    index: Path | None  # the index file, for sharded models
+
+
+def base_files(model_dir: Path) -> BaseFiles | None:
+    """The base's safetensors files with checked headers; None when it has none (the in-memory path
+    reads .bin / GGUF). A bad index, a shard it lists that is missing, or a truncated file is a UserError."""
+    single, index = model_dir / SINGLE, model_dir / INDEX
+    if single.is_file():
+        headers = {SINGLE: read_header(single)[0]}
+        return BaseFiles(model_dir, headers, dict.fromkeys(headers[SINGLE], SINGLE), None)
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except OSError as exc:
+        raise UserError(f"{index}: cannot read ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{index}: not a safetensors index (needs a JSON object with a \"weight_map\" of tensor -> file); "
+                        "re-download or re-save the base model") from None
+    headers = {}
+    for name in sorted(set(weight_map.values())):
+        shard = model_dir / name
+        if Path(name).name != name or not shard.is_file():
+            raise UserError(f"{index}: lists shard {one_line(name, 120)}, which is missing from {model_dir}; "
+                            "re-download or re-save the base model")
+        headers[name] = read_header(shard)[0]
+    for key, name in weight_map.items():
+        if key not in headers[name]:
+            raise UserError(f"{index}: maps {one_line(key, 120)} to {name}, which does not contain it; "
+                            "re-download or re-save the base model")
+    return BaseFiles(model_dir, headers, dict(weight_map), index)
+
+
+def local_model_dir(cfg) -> Path | str:
+    """The base's local directory, or why there is none."""
+    from peftcli.models import resolve_path
+
+    path, gguf = resolve_path(cfg)
+    if gguf:
+        return "the base model is a GGUF file"
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:
+        return f"{path} is not a local directory or a cached hub model"
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Job:
+    """One output tensor: where its base value comes from and what the merge does to it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str | None = None  # source in the base (None: a new module's tensor, from the adapter)
+    key: str | None = None
+    replace: torch.Tensor | None = None
+    modify: Callable | None = None
+
+
+@dataclass
+class Plan:
+    files: BaseFiles
+    config: object  # the transformers config to write
+    tokenizer: object
+    generation_config: object | None
+    task: str
+    dtype: str
+    method: str
+    shards: dict[str, list[Job]] = field(default_factory=dict)  # output file -> its tensors
+    untied: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(j.dtype.itemsize * _numel(j.shape) for jobs in self.shards.values() for j in jobs)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _model_dtype(name: str, config, files: BaseFiles) -> torch.dtype | None:
+    if name in DTYPES:
+        return DTYPES[name]
+    # "auto": the config's dtype, else the checkpoint's first floating tensor (transformers' rule)
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    if isinstance(d, torch.dtype):
+        return d
+    for h in files.headers.values():
+        for info in h.values():
+            if info.dtype.is_floating_point:
+                return info.dtype
+    return None
+
+
+def _key_map(keys: list[str], where: dict[str, str], prefix: str) -> dict[str, str]:
+    """Model state-dict name -> checkpoint name: the same, or differing by the base-model prefix
+    (a `LlamaModel` checkpoint under `LlamaForSequenceClassification`, and the reverse)."""
+    out = {}
+    for k in keys:
+        if k in where:
+            out[k] = k
+        elif prefix and k.startswith(prefix + ".") and k[len(prefix) + 1:] in where:
+            out[k] = k[len(prefix) + 1:]
+        elif prefix and f"{prefix}.{k}" in where:
+            out[k] = f"{prefix}.{k}"
+    return out
+
+
+def plan_merge(adapter: adapter_io.AdapterDir, cfg, force: bool = False) -> Plan | str:
+    """Everything the streaming merge needs, checked before a byte is written: the base's files,
+    shapes against its config, the fingerprint, the adapter against the model. Returns the reason as
+    a string where this merge needs the in-memory path; raises UserError for bad input."""
+    from peftcli.models import load_tokenizer, model_class_for, quiet_transformers
+
+    quiet_transformers()
+    model_dir = local_model_dir(cfg)
+    if isinstance(model_dir, str):
+        return model_dir
+    files = base_files(model_dir)
+    if files is None:
+        return f"{model_dir} has no safetensors weights"
+    name = (adapter.options.name if adapter.options is not None else None) or "?"
+    if name not in STREAMABLE:
+        return f"method {name!r} has no per-tensor merge"
+    meta_base = (adapter.meta or {}).get("base", {})
+    config = _load_config(model_dir, cfg, meta_base.get("label_names"))
+    with torch.device("meta"):
+        try:
+            model = model_class_for(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
+        except Exception as exc:  # an architecture transformers cannot build from this config
+            return f"cannot build {getattr(config, 'model_type', '?')} on the meta device ({one_line(exc, 100)})"
+    dtype = _model_dtype(cfg.dtype, config, files)
+    if dtype not in DTYPES.values():
+        return f"model dtype {dtype} (the in-memory path keeps it)"
+    if getattr(model, "_keep_in_fp32_modules", None) and dtype != torch.float32:
+        return f"{type(model).__name__} keeps some modules in float32 when loaded in {dtype}"
+
+    # the base layout, before the method changes the skeleton
+    sd = model.state_dict()
+    keymap = _key_map(list(sd), files.where, getattr(model, "base_model_prefix", ""))
+    by_param: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), []).append(n)
+    groups = [g for g in by_param.values() if len(g) > 1]
+    emb = {_weight_name(model, model.get_input_embeddings()), _weight_name(model, model.get_output_embeddings())}
+    alias = {n: g for g in groups for n in g}
+    source: dict[str, str] = {}  # model name -> checkpoint name holding its value
+    for k in sd:
+        if k in keymap:
+            source[k] = keymap[k]
+        else:
+            held = [m for m in alias.get(k, []) if m in keymap]
+            if held:
+                source[k] = keymap[held[0]]
+    for k, ck in source.items():
+        info = files.headers[files.where[ck]][ck]
+        if info.shape != tuple(sd[k].shape):
+            raise UserError(f"{model_dir / files.where[ck]}: tensor {ck} has shape {list(info.shape)}, but the model's "
+                            f"config.json gives {k} the shape {list(sd[k].shape)}; the weights do not match the config")
+    missing = [k for k in sd if k not in source]
+    new_modules = meta_base.get("new_modules")
+    if new_modules is None:
+        new_modules = sorted({k.rsplit(".", 1)[0] for k in missing if "." in k})
+    expected = meta_base.get("fingerprint")
+    if expected and not force:
+        got = files_fingerprint(files, sd, source, dtype, new_modules)
+        if got is None:
+            return "the base checkpoint lacks tensors that the fingerprint covers"
+        if got != expected:
+            raise UserError(f"{cfg.name_or_path} is not the base this adapter was trained on (weights fingerprint {got} != "
+                            f"{expected}); pass the right --base, or --force to merge anyway")
+
+    # the method on the skeleton, and the adapter's tensors checked against it (the in-memory checks)
+    method = adapter_io.method_for(adapter)
+    stored = adapter_io.load_tensors(adapter)
+    try:
+        method.apply(model, cfg.task, also_save=new_modules)
+        _materialize_adapters(method, model)
+        method.load_state_dict(model, stored)
+    except UserError as exc:
+        arch = f"{getattr(config, 'model_type', '?')}, hidden size {getattr(config, 'hidden_size', '?')}"
+        raise UserError(f"adapter {adapter.path} does not fit the base {cfg.name_or_path} ({arch}): {exc}") from None
+    if not method.mergeable:
+        raise UserError(f"method {method.name!r} cannot be folded into the base weights; use `peftcli export --format peft`")
+    edits = tensor_edits(method, model, stored)
+    if isinstance(edits, str):
+        return edits
+    unknown = [k for k in edits if k not in sd]
+    if unknown:
+        return f"the merge writes {unknown[0]}, which is not in the model's state dict"
+    lacking = [k for k in missing if not (k in edits and edits[k].kind == "replace")
+               and not any(m in edits and edits[m].kind == "replace" for m in alias.get(k, []))]
+    if lacking:
+        return f"the base checkpoint lacks {lacking[0]} (the in-memory path initialises it)"
+
+    # tied tensors: a stored value (modules_to_save) is the shared parameter's, as in the loaded model;
+    # a merge into one of them changes that one only, so the output unties them.
+    untied: list[str] = []
+    for g in groups:
+        mods = [k for k in g if k in edits and edits[k].kind == "modify"]
+        if not mods:
+            continue
+        if set(g) != emb or not getattr(config, "tie_word_embeddings", False):
+            raise UserError(f"the merge changes {mods[0]}, which this architecture ties to "
+                            f"{', '.join(k for k in g if k != mods[0])}; it cannot be untied: merge in memory (--in-memory) "
+                            "or leave the tied module out of the adapter's targets")
+        untied = g
+        config.tie_word_embeddings = False
+    config.architectures = [type(model).__name__]  # as save_pretrained writes it
+    plan = Plan(files, config, load_tokenizer(cfg), _generation_config(model_dir, model, cfg.task), cfg.task,
+                str(dtype).removeprefix("torch."), method.name, untied=untied)
+    if getattr(config, "pad_token_id", None) is None and plan.tokenizer.pad_token_id is not None:
+        config.pad_token_id = plan.tokenizer.pad_token_id  # as models.load_model does
+    _assign_jobs(plan, sd, source, alias, edits, untied, dtype)
+    return plan
+
+
+def _materialize_adapters(method, model) -> None:
+    """The wrappers' own parameters and buffers on the CPU (adapter-sized), the base layers left on the
+    meta device: load_state_dict then runs as on a loaded model (AdaLoRA reads its rank mask). Values
+    are placeholders (zeros; boolean masks all set, as AdaLoRA's init) until the stored tensors load."""
+    from torch import nn
+
+    for w in method.wrappers(model).values():
+        for mod_name, mod in w.named_modules():
+            if mod_name == "base_layer" or mod_name.startswith("base_layer."):
+                continue
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if p.is_meta:
+                    setattr(mod, name, nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
+            for name, b in list(mod.named_buffers(recurse=False)):
+                if b is not None and b.is_meta:
+                    fill = torch.ones if b.dtype == torch.bool else torch.zeros
+                    mod._buffers[name] = fill(b.shape, dtype=b.dtype)
+
+
+def _weight_name(model, module) -> str | None:
+    """`<module path>.weight` of `module` (by module identity: tied modules share their weight)."""
+    if module is None:
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is module), None)
+
+
+def _load_config(model_dir: Path, cfg, label_names):
+    from transformers import AutoConfig
+
+    kw = {}
+    if cfg.task == "seq-cls":  # what models.load_model passes to from_pretrained
+        labels = label_names or [str(i) for i in range(getattr(cfg, "num_labels", None) or 2)]
+        kw = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code, **kw)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.name_or_path: cannot load {model_dir}: {one_line(first, 200)}") from None
+
+
+def _generation_config(model_dir: Path, model, task: str):
+    if task != "causal-lm":
+        return None
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            return GenerationConfig.from_pretrained(model_dir)
+        except (OSError, ValueError):
+            pass
+    return getattr(model, "generation_config", None)
+
+
+def _assign_jobs(plan: Plan, sd: dict, source: dict[str, str], alias: dict, edits: dict[str, Edit], untied: list[str],
+                 dtype: torch.dtype) -> None:
+    """Output tensors (the names the loaded model saves: tied aliases once unless untied) into the
+    shards of their base values, in base-file order; new modules' tensors go to the last shard."""
+    files = plan.files
+    seen_groups: set[int] = set()
+    jobs: dict[str, list[Job]] = {f: [] for f in files.headers}
+    for k, t in sd.items():
+        g = alias.get(k)
+        if g and not (untied and k in untied):
+            if id(g) in seen_groups:
+                continue  # a tied alias: saved once, under the first name
+            seen_groups.add(id(g))
+        out_dtype = dtype if t.is_floating_point() else t.dtype
+        job = Job(k, out_dtype, tuple(t.shape))
+        members = g if g else [k]
+        rep = next((edits[m] for m in members if m in edits and edits[m].kind == "replace"), None)
+        if rep is not None:
+            job.replace = rep.value
+        elif k in source:
+            job.key = source[k]
+        if k in edits and edits[k].kind == "modify":  # a tied group with a merged member is untied (plan_merge)
+            job.modify = edits[k].fn
+        job.file = files.where[source[k]] if k in source else sorted(files.headers)[-1]
+        jobs[job.file].append(job)
+    for f, js in jobs.items():
+        pos = {name: info.begin for name, info in files.headers[f].items()}
+        js.sort(key=lambda j: pos.get(j.key, float("inf")) if j.replace is None else float("inf"))
+    plan.shards = jobs
+
+
+def files_fingerprint(files: BaseFiles, sd: dict, source: dict[str, str], dtype: torch.dtype, exclude) -> str | None:
+    """models.fingerprint of the model as it would load, computed from the mapped files (a strided
+    sample of each tensor only): the same names, order, shapes and bf16-rounded samples."""
+    import hashlib
+
+    h = hashlib.sha256()
+    handles: dict[str, MappedFile] = {}
+    try:
+        for name, p in sd.items():
+            if not p.is_floating_point() or any(name.startswith(e + ".") for e in exclude):
+                continue
+            if name not in source:
+                return None
+            ck = source[name]
+            f = files.where[ck]
+            if f not in handles:
+                handles[f] = MappedFile(files.dir / f, files.headers[f])
+            flat = handles[f].get(ck).reshape(-1)
+            step = max(1, flat.numel() // 512)
+            sample = flat[::step][:512].to(dtype).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+            del flat
+            handles[f].release(ck)
+            h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
+    finally:
+        for m in handles.values():
+            m.close()
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- execution
+
+def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Write the merged shards, the index (sharded bases), config, generation config and tokenizer into
+    `out` (an empty temp directory; the caller renames it). Returns facts for the report."""
+    files = plan.files
+    total = len(plan.shards)
+    for i, (fname, jobs) in enumerate(plan.shards.items(), 1):
+        if progress:
+            progress(fname, i, total)
+        _write_shard(files, fname, jobs, out / fname)
+    if files.index is not None:
+        weight_map = {j.name: f for f, jobs in plan.shards.items() for j in jobs}
+        index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    cfg = plan.config
+    cfg.dtype = plan.dtype
+    cfg.save_pretrained(out)
+    if plan.generation_config is not None:
+        plan.generation_config.save_pretrained(out)
+    plan.tokenizer.save_pretrained(out)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"shards": total, "bytes": plan.total_bytes, "untied": plan.untied}
+
+
+def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path) -> None:
+    src = MappedFile(files.dir / fname, files.headers[fname]) if fname in files.headers else None
+    writer = ShardWriter(path, [OutEntry(j.name, j.dtype, j.shape) for j in jobs])
+    by_name = {j.name: j for j in jobs}
+    try:
+        for entry in writer.order:
+            j = by_name[entry.name]
+            if j.replace is None and j.modify is None and src.tensors[j.key].dtype == j.dtype:
+                writer.copy_from(j.name, src, j.key)
+                continue
+            w = j.replace.to(j.dtype) if j.replace is not None else src.get(j.key).to(j.dtype)
+            if j.modify is not None:
+                w = j.modify(w)
+            writer.write_tensor(j.name, w)
+            del w
+            if j.key is not None and j.replace is None:
+                src.release(j.key)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if src is not None:
+            src.close()
