@@ -164,12 +164,15 @@ def section_train(c: Ctx) -> dict:
     sets = train_sets(c)
     positions = c.a.batch * c.a.seq
     recipe = rel(TRAIN_RECIPE)
-    runs: dict[str, list[dict]] = {"peftcli": [], "peft": []}
+    # peftcli-pafi: the same run with PaFi (0.5% sparse) instead of LoRA, so the sparse path's speed and
+    # memory are measured beside LoRA's on the same workload
+    runs: dict[str, list[dict]] = {"peftcli": [], "peft": [], "peftcli-pafi": []}
     for i in range(c.a.repeats):
-        for side in ("peftcli", "peft"):  # A B A B ...
+        for side in runs:  # A B C A B C ...
             d = c.fresh("train", f"{side}-{i}")
-            if side == "peftcli":
-                cmd = peftcli_cmd() + ["train", recipe] + [x for s in sets for x in ("--set", s)] + ["--output-dir", str(d), "--overwrite"]
+            if side.startswith("peftcli"):
+                extra = ["method={name: pafi, density: 0.005}"] if side == "peftcli-pafi" else []
+                cmd = peftcli_cmd() + ["train", recipe] + [x for s in sets + extra for x in ("--set", s)] + ["--output-dir", str(d), "--overwrite"]
             else:
                 cmd = peer_cmd("train", "--recipe", recipe, *[x for s in sets for x in ("--set", s)], "--out", str(d))
             r = c.run("train", f"{side}-{i}", cmd)
@@ -178,7 +181,7 @@ def section_train(c: Ctx) -> dict:
             r["losses"] = [x["loss"] for x in m if "loss" in x]
             r["lrs"] = [x["lr"] for x in m if "lr" in x]
             r["dir"] = rel(d)
-            info = d / ("peftcli.json" if side == "peftcli" else "result.json")
+            info = d / ("peftcli.json" if side.startswith("peftcli") else "result.json")
             if info.is_file():
                 j = json.loads(info.read_text())
                 r["trainable_params"] = j.get("trainable_params")
@@ -203,7 +206,9 @@ def section_train(c: Ctx) -> dict:
     res = {"sizes": {"steps": c.a.steps, "warmup_steps_skipped": c.a.warmup, "repeats": c.a.repeats,
                      "batch": c.a.batch, "seq": c.a.seq, "positions_per_step": positions},
            "recipe": recipe, "sets": sets, "summary": summary, "runs": runs}
-    a, b = summary["peftcli"], summary["peft"]
+    a, b, p = summary["peftcli"], summary["peft"], summary["peftcli-pafi"]
+    if a["tokens_per_s"] and p["tokens_per_s"]:
+        res["pafi_vs_lora"] = {"tokens_per_s": p["tokens_per_s"] / a["tokens_per_s"], "peak_rss": p["peak_rss_mb"] / a["peak_rss_mb"]}
     if a["tokens_per_s"] and b["tokens_per_s"]:
         la, lb = runs["peftcli"][0]["losses"], runs["peft"][0]["losses"]
         k = min(5, len(la), len(lb))

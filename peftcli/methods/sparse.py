@@ -126,11 +126,13 @@ class _SparseLinear(torch.autograd.Function):
                 full = g2.T @ x2  # (out, in): one layer's weight-size gradient, transient
                 full = (full.T if ctx.transposed else full).reshape(-1)
                 grad_values = full if ctx.dense else full.index_select(0, indices)
-            else:
-                grad_values = torch.zeros_like(values)
-                rows = max(1, GATHER_BYTES // (8 * values.numel()))
-                for a in range(0, g2.shape[0], rows):
-                    grad_values += (g2[a:a + rows].index_select(1, out_idx) * x2[a:a + rows].index_select(1, in_idx)).sum(0)
+            else:  # row dot products of the selected (output, input) pairs, over the tokens
+                gt, xt = g2.T.contiguous(), x2.T.contiguous()  # (out, T), (in, T): contiguous rows to gather
+                grad_values = torch.empty_like(values)
+                chunk = max(1, GATHER_BYTES // (8 * gt.shape[1]))
+                for a in range(0, values.numel(), chunk):
+                    grad_values[a:a + chunk] = torch.linalg.vecdot(gt.index_select(0, out_idx[a:a + chunk]),
+                                                                   xt.index_select(0, in_idx[a:a + chunk]))
         return grad_x, None, None, grad_values, None, None, None, None, None
 
 
