@@ -28,7 +28,7 @@ Options shared by all four: `density` (fraction of eligible entries, default 0.0
 (`global`: one threshold over all eligible entries; `per_tensor`: the same fraction of each tensor),
 which tensors are eligible (`target_modules`, default every linear layer of the transformer blocks:
 no embeddings, norms or output head), `train_bias` (the eligible layers' biases fully trainable) and
-`train_head` (a classification head fully trainable, or eligible for the mask like any tensor).
+`train_head` (a classification head, with BERT's pooler, fully trainable; or eligible for the mask like any tensor).
 
 Storage (peftcli-only layout): `<path>.sparse_indices` (int32 where the tensor has < 2^31 entries) and
 `<path>.sparse_values` per tensor (`<path>.sparse_delta`, dense, for Child-Tuning F), biases as
@@ -247,6 +247,10 @@ class SparseMethod(Method):
             self.install(model, self.scores(model))
 
     def apply(self, model: nn.Module, task: str = "causal-lm", also_save=()) -> nn.Module:
+        if task == "seq-cls" and self.opts.train_head:
+            # BERT-style models classify from a pretrained pooler over [CLS]: it belongs to the task head (the
+            # paper's RoBERTa head has its own dense layer), so it is trained in full with the classifier
+            also_save = [*also_save, *(n for n, m in model.named_modules() if n.endswith("pooler") and next(m.parameters(), None) is not None)]
         super().apply(model, task, also_save)
         if not self.opts.train_head:  # the head is in the mask: not also trained in full
             for name in [s for s in self.saved_modules if s in HEADS]:
