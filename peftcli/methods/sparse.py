@@ -333,9 +333,13 @@ class SparseMethod(Method):
         selected = {p: w.sparse_values.numel() for p, w in wrappers.items()}
         layers = [model.get_submodule(p) for p in self.eligible]
         eligible = sum((m.base_layer if isinstance(m, SparseDeltaLinear) else m).weight.numel() for m in layers)
-        return {**super().describe(model), "selected_entries": sum(selected.values()), "eligible_entries": eligible,
-                "density": sum(selected.values()) / max(eligible, 1), "selected_per_tensor": selected,
-                "trained_biases": list(self.bias_paths)}
+        d = {**super().describe(model), "selected_entries": sum(selected.values()), "eligible_entries": eligible,
+             "density": sum(selected.values()) / max(eligible, 1), "selected_per_tensor": selected,
+             "trained_biases": list(self.bias_paths)}
+        if self.needs_data and not wrappers:  # a recipe: the mask is chosen from the data when training starts
+            d["planned_entries"] = round(self.opts.density * eligible)
+            d["mask"] = "chosen from the training data when training starts (not counted above)"
+        return d
 
     def training_state(self, model: nn.Module) -> dict[str, Any]:
         return {"indices": {p: w.sparse_indices.cpu().clone() for p, w in self.wrappers(model).items()}}
