@@ -321,12 +321,36 @@ def _model_tensors(model, config) -> list[tuple[str, callable, bool]]:
     return out
 
 
+def _base_config(cfg) -> None:
+    """Refuse a non-Llama base before loading its weights. A GGUF base is checked after loading instead:
+    transformers parses a GGUF's whole vocabulary just to read its config (~8 s for SmolLM2)."""
+    from transformers import AutoConfig
+
+    from peftcli.models import resolve_path
+
+    path, gguf_file = resolve_path(cfg)
+    if gguf_file:
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"base model {cfg.name_or_path}: cannot read its config ({one_line(exc, 160)})") from None
+    _llama_config(config, f"base model {cfg.name_or_path}")
+
+
+def _saved_dtype(dtype) -> str:
+    """float32 / bfloat16 / float16 (a name or a torch dtype) -> f32 / bf16 / f16."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return ALIASES.get(name) or "f32"
+
+
 def _reference(source: Path, base, force) -> tuple:
-    """(merged fp32 model, tokenizer, config, what, gguf source or None) from a merged model dir or an adapter dir."""
+    """(merged fp32 model, tokenizer, config, what, default dtype) from a merged model dir or an adapter dir;
+    the default dtype is the one the model was saved in (merged dir) or trained in (adapter)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from peftcli import merge
-    from peftcli.models import quiet_transformers, resolve_path
+    from peftcli.models import quiet_transformers
 
     quiet_transformers()
     if (source / adapter_io.CONFIG).is_file():
@@ -334,19 +358,16 @@ def _reference(source: Path, base, force) -> tuple:
         cfg = merge.base_model_cfg(adapter, base, "float32")
         if cfg.task != "causal-lm":
             raise UserError(f"{source}: a {cfg.task} adapter has no GGUF form (llama.cpp runs causal LMs)")
-        path, gguf_file = resolve_path(cfg)
-        try:
-            config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"base model {cfg.name_or_path}: cannot read its config ({one_line(exc, 160)})") from None
-        _llama_config(config, f"base model {cfg.name_or_path}")
+        _base_config(cfg)
         a = merge.load_adapted(source, base, "float32", force)
+        _llama_config(a.loaded.model.config, f"base model {cfg.name_or_path}")
         if not a.method.mergeable:
             raise UserError(f"method {a.method.name!r} cannot be folded into the base weights, so it has no GGUF form; "
                             "use `peftcli export --format peft`")
         a.method.merge(a.loaded.model)
         model, tok = a.loaded.model, a.loaded.tokenizer
-        return model.eval(), tok, model.config, f"{a.method.name} adapter merged into {cfg.name_or_path}"
+        trained = ((adapter.meta or {}).get("base") or {}).get("dtype")
+        return model.eval(), tok, model.config, f"{a.method.name} adapter merged into {cfg.name_or_path}", _saved_dtype(trained)
     if (source / "config.json").is_file():
         try:
             config = AutoConfig.from_pretrained(source)
@@ -358,7 +379,7 @@ def _reference(source: Path, base, force) -> tuple:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise UserError(f"{source}: cannot load the model ({one_line(exc, 160)})") from None
-        return model.eval(), tok, model.config, "merged model"
+        return model.eval(), tok, model.config, "merged model", _saved_dtype(getattr(config, "dtype", None))
     what = "not found" if not source.exists() else "is neither a merged model directory (config.json) nor an adapter directory (adapter_config.json)"
     raise UserError(f"{source} {what}")
 
@@ -419,8 +440,7 @@ def export_gguf(source: str | Path, output: str | Path, dtype: str | None = None
     source, output = Path(source), _check_output(Path(output), overwrite)
     if dtype is not None:
         gguf_dtype(dtype, "f32")  # reject a bad --dtype before loading anything
-    model, tok, config, what = _reference(source, base, force)
-    default = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), "f32")
+    model, tok, config, what, default = _reference(source, base, force)
     dtype = gguf_dtype(dtype, default)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -470,10 +490,8 @@ def export_gguf_lora(source: str | Path, output: str | Path, dtype: str | None =
                      force: bool = False, overwrite: bool = False) -> dict:
     """The LoRA adapter alone as a llama.cpp adapter file (convert_lora_to_gguf.py's layout)."""
     import gguf
-    from transformers import AutoConfig
 
     from peftcli import merge
-    from peftcli.models import resolve_path
 
     t0 = time.perf_counter()
     source, output = Path(source), _check_output(Path(output), overwrite)
@@ -487,14 +505,10 @@ def export_gguf_lora(source: str | Path, output: str | Path, dtype: str | None =
     cfg = merge.base_model_cfg(adapter, base, "float32")
     if cfg.task != "causal-lm":
         raise UserError(f"{source}: a {cfg.task} adapter has no llama.cpp form (llama.cpp runs causal LMs)")
-    path, gguf_file = resolve_path(cfg)
-    try:
-        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"base model {cfg.name_or_path}: cannot read its config ({one_line(exc, 160)})") from None
-    _llama_config(config, f"base model {cfg.name_or_path}")
+    _base_config(cfg)
     # Loading the adapter onto its base checks the base fingerprint (unless --force) and every tensor's shape.
     a = merge.load_adapted(source, base, "float32", force)
+    config = _llama_config(a.loaded.model.config, f"base model {cfg.name_or_path}")
     tied = bool(getattr(a.loaded.model.config, "tie_word_embeddings", False))
     name_map = _name_map(config)
     rows, scalings = [], set()

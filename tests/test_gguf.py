@@ -367,3 +367,42 @@ def test_adapter_for_another_base_is_refused(llama_dir, tmp_path):
         res = invoke("export", adapter, "--format", fmt, "--base", wider, "-o", out / "x.gguf", "--force")
         assert res.exit_code == 2 and "shape" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert left_over(out) == []
+
+
+# ---------------------------------------------------------------------------------------- real model
+def smollm2_adapter(out: Path) -> Path:
+    """A LoRA adapter for demo:smollm2 in HF PEFT's layout (as `peft` writes one), with random weights, written
+    without loading the model: SmolLM2-135M has 30 layers, hidden 576, 9 query / 3 key-value heads of 64."""
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    g = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "mlp.down_proj": (576, 1536)}
+    tensors = {}
+    for i in range(30):
+        for m, (o, n) in shapes.items():
+            key = f"base_model.model.model.layers.{i}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, n, generator=g) / n ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.02
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "demo:smollm2", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "down_proj"], "lora_dropout": 0.0, "bias": "none", "use_rslora": True}))
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_adapter_merge_gguf_round_trip(tmp_path):
+    """The installed SmolLM2-135M-Instruct (a Q4_1 GGUF) + a LoRA adapter -> merged in memory -> GGUF f32,
+    proven by the exporter against the merged model (transformers' GGUF loader: logits, SmolLM2's 49152-token
+    tokenizer on the probe texts, its ChatML template). Training is left out here (two SmolLM2 steps alone
+    take ~40 s on 2 cores), and so is gguf-lora (another base load): both run on the tiny model above."""
+    adapter = smollm2_adapter(tmp_path / "lora")
+    res = invoke("export", adapter, "--format", "gguf", "-o", tmp_path / "smol.gguf", "--dtype", "f32", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["tokens"] == 49152 and report["merges"] == 48900 and report["chat_template"], report
+    assert report["max_abs_diff"] <= 1e-4 and report["max_abs_logit"] > 10, report
+    meta, tensors = gguf_fields(tmp_path / "smol.gguf")
+    assert "output.weight" not in tensors and len(tensors) == 1 + 30 * 9 + 1  # SmolLM2 ties its head to token_embd
+    assert "<|im_start|>" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.eos_token_id"] == 2
