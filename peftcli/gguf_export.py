@@ -456,6 +456,7 @@ def export_gguf(source: str | Path, output: str | Path, dtype: str | None = None
 
     tmp = _atomic_gguf(output, write)
     try:
+        tensors.clear()  # the getters hold the merged weights: free them before the file is loaded back
         del model
         check = verify_gguf(tmp, reference, tok, dtype) if verify else {}
         _commit(tmp, output)
