@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -121,6 +123,15 @@ class MappedFile:
             return torch.empty(t.shape, dtype=t.dtype)
         return torch.frombuffer(self._mm, dtype=t.dtype, count=t.nbytes // t.dtype.itemsize, offset=t.begin).view(t.shape)
 
+    def sample(self, name: str, step: int, n: int) -> torch.Tensor:
+        """Elements 0, step, 2 step, ... (at most n) of the flattened tensor, read with pread: touching
+        them through the map would map whole folios around each (the entire tensor, for large ones)."""
+        t = self.tensors[name]
+        size = t.dtype.itemsize
+        count = min(n, -(-(t.nbytes // size) // step))
+        raw = b"".join(os.pread(self._f.fileno(), size, t.begin + i * step * size) for i in range(count))
+        return torch.frombuffer(bytearray(raw), dtype=t.dtype) if raw else torch.empty(0, dtype=t.dtype)
+
     def view_bytes(self, name: str) -> memoryview:
         t = self.tensors[name]
         return memoryview(self._mm)[t.begin:t.end] if t.nbytes else memoryview(b"")
@@ -173,21 +184,75 @@ def header_bytes(entries: list[OutEntry], metadata: dict | None = None) -> tuple
     return len(raw).to_bytes(8, "little") + raw, order
 
 
-class ShardWriter:
-    """Writes one safetensors file: header first, then each tensor in `order` as it is produced."""
+class WritePipe:
+    """A thread that runs file writes in order while the caller computes the next tensors (writes and
+    fsync release the GIL). At most `depth` jobs wait, so at most that many finished tensors are held.
+    The first error stops the remaining jobs and is raised to the caller at its next call."""
 
-    def __init__(self, path: str | Path, entries: list[OutEntry], metadata: dict | None = None):
+    def __init__(self, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._err is None:
+                try:
+                    job()
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._err = exc
+
+    def put(self, job) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(job)
+
+    def close(self, raise_errors: bool = True) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if raise_errors and self._err is not None:
+            raise self._err
+
+
+class _Inline:
+    """WritePipe's interface, run at once (no thread)."""
+
+    def put(self, job) -> None:
+        job()
+
+    def close(self, raise_errors: bool = True) -> None:
+        pass
+
+
+class ShardWriter:
+    """Writes one safetensors file: header first, then each tensor in `order` as it is produced. The
+    writes run on `pipe` (a WritePipe overlaps them with the caller's work), each followed by a hint
+    that starts the kernel's write-back early; `finish` queues the fsync and the close."""
+
+    def __init__(self, path: str | Path, entries: list[OutEntry], metadata: dict | None = None, pipe=None):
         self.path = Path(path)
         head, self.order = header_bytes(entries, metadata)
-        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish()/abort()
-        self._write(head)
+        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by finish()/abort()
+        self._pipe = pipe or _Inline()
+        self._pos = 0
         self._next = 0
+        self._pipe.put(lambda: self._write(head))
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
+        start = self._pos
         while view:
             n = self._f.write(view)
             view = view[n:]
+            self._pos += n
+        self._writeback(start)
+
+    def _writeback(self, start: int) -> None:
+        """Start writing [start, pos) to disk now (asynchronously) rather than at the fsync."""
+        if hasattr(os, "posix_fadvise") and self._pos > start:
+            os.posix_fadvise(self._f.fileno(), start, self._pos - start, os.POSIX_FADV_DONTNEED)
 
     def _expect(self, name: str, nbytes: int) -> None:
         e = self.order[self._next]
@@ -201,13 +266,18 @@ class ShardWriter:
             raise RuntimeError(f"shard writer: {name} is {t.dtype} {tuple(t.shape)}, expected {e.dtype} {e.shape}")
         self._expect(name, t.numel() * t.element_size())
         if t.numel():
-            self._write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._pipe.put(lambda: self._write(data))
 
     def copy_from(self, name: str, src: MappedFile, src_name: str) -> None:
-        """The bytes of `src_name` unchanged, copied in the kernel (copy_file_range) where it can."""
+        """The bytes of `src_name` unchanged, copied in the kernel (copy_file_range) where it can.
+        `src` must stay open until the pipe has run this (close it through the pipe too)."""
+        self._expect(name, src.tensors[src_name].nbytes)
+        self._pipe.put(lambda: self._copy(src, src_name))
+
+    def _copy(self, src: MappedFile, src_name: str) -> None:
         info = src.tensors[src_name]
-        self._expect(name, info.nbytes)
-        offset, left = info.begin, info.nbytes
+        offset, left, start = info.begin, info.nbytes, self._pos
         if hasattr(os, "copy_file_range"):
             try:
                 while left:
@@ -216,8 +286,10 @@ class ShardWriter:
                         break
                     offset += n
                     left -= n
+                    self._pos += n
             except OSError:
-                pass  # e.g. EXDEV on old kernels: fall back to a plain write below
+                pass  # e.g. EXDEV on old kernels: a plain write below
+        self._writeback(start)
         if left:
             self._write(src.view_bytes(src_name)[offset - info.begin:])
             src.release(src_name)
@@ -225,6 +297,9 @@ class ShardWriter:
     def finish(self) -> None:
         if self._next != len(self.order):
             raise RuntimeError(f"shard writer: {len(self.order) - self._next} tensors of {self.path.name} never written")
+        self._pipe.put(self._close)
+
+    def _close(self) -> None:
         os.fsync(self._f.fileno())
         self._f.close()
 

@@ -43,10 +43,11 @@ STREAMABLE = ("lora", "dora", "ia3", "adalora", "bitfit", "hiwi")  # hiwi: its b
 def lora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
     """W + s B A (LoraLinear.delta_weight + AdapterModule.merged_module). PiSSA adapters are stored as a
     plain rank-2r LoRA on the original W and merge the same way; rsLoRA only changes s."""
-    delta = (B.float() @ A.float()) * scaling
+    delta = B.float() @ A.float()
+    delta.mul_(scaling)  # = (B A) * s without a second temporary; the same rounding
     if fan_in_fan_out:
         delta = delta.T
-    return (w.float() + delta).to(w.dtype)
+    return delta.add_(w.float()).to(w.dtype)  # = W + delta: addition commutes exactly in IEEE arithmetic
 
 
 def dora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
@@ -85,10 +86,11 @@ def adalora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Te
         B = torch.cat([B, B.new_zeros(B.shape[0], init_r - k)], 1)
     ranknum = torch.tensor([float(init_r)], dtype=torch.float32)
     e = E.float() * mask.unsqueeze(1)
-    delta = B.float() @ (A.float() * e) * (alpha / (ranknum.float() + 1e-5))
+    delta = B.float() @ (A.float() * e)
+    delta.mul_(alpha / (ranknum.float() + 1e-5))
     if fan_in_fan_out:
         delta = delta.T
-    return (w.float() + delta).to(w.dtype)
+    return delta.add_(w.float()).to(w.dtype)
 
 
 @dataclass
@@ -500,11 +502,8 @@ def files_fingerprint(files: BaseFiles, sd: dict, source: dict[str, str], dtype:
             f = files.where[ck]
             if f not in handles:
                 handles[f] = MappedFile(files.dir / f, files.headers[f])
-            flat = handles[f].get(ck).reshape(-1)
-            step = max(1, flat.numel() // 512)
-            sample = flat[::step][:512].to(dtype).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
-            del flat
-            handles[f].release(ck)
+            step = max(1, p.numel() // 512)
+            sample = handles[f].sample(ck, step, 512).to(dtype).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
             h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
     finally:
         for m in handles.values():
@@ -517,12 +516,23 @@ def files_fingerprint(files: BaseFiles, sd: dict, source: dict[str, str], dtype:
 def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Write the merged shards, the index (sharded bases), config, generation config and tokenizer into
     `out` (an empty temp directory; the caller renames it). Returns facts for the report."""
+    from peftcli.shards import WritePipe
+
     files = plan.files
     total = len(plan.shards)
-    for i, (fname, jobs) in enumerate(plan.shards.items(), 1):
-        if progress:
-            progress(fname, i, total)
-        _write_shard(files, fname, jobs, out / fname)
+    pipe = WritePipe()  # writes and fsyncs overlap the next tensors' merge arithmetic
+    writers: list[ShardWriter] = []
+    try:
+        for i, (fname, jobs) in enumerate(plan.shards.items(), 1):
+            if progress:
+                progress(fname, i, total)
+            _write_shard(files, fname, jobs, out / fname, pipe, writers)
+        pipe.close()
+    except BaseException:
+        pipe.close(raise_errors=False)
+        for w in writers:
+            w.abort()
+        raise
     if files.index is not None:
         weight_map = {j.name: f for f, jobs in plan.shards.items() for j in jobs}
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -541,9 +551,10 @@ def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None
     return {"shards": total, "bytes": plan.total_bytes, "untied": plan.untied}
 
 
-def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path) -> None:
+def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path, pipe, writers: list) -> None:
     src = MappedFile(files.dir / fname, files.headers[fname]) if fname in files.headers else None
-    writer = ShardWriter(path, [OutEntry(j.name, j.dtype, j.shape) for j in jobs])
+    writer = ShardWriter(path, [OutEntry(j.name, j.dtype, j.shape) for j in jobs], pipe=pipe)
+    writers.append(writer)
     by_name = {j.name: j for j in jobs}
     try:
         for entry in writer.order:
@@ -559,9 +570,6 @@ def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path) -> N
             if j.key is not None and j.replace is None:
                 src.release(j.key)
         writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
     finally:
         if src is not None:
-            src.close()
+            pipe.put(src.close)  # after the pipe's pending copies from it
