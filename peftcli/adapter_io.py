@@ -21,12 +21,16 @@ from peftcli import __version__
 from peftcli.errors import UserError, did_you_mean, one_line
 
 WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"  # torch.save of the same dict, written by older PEFT versions (read only)
 CONFIG = "adapter_config.json"
 META = "peftcli.json"
 RECIPE = "recipe.yaml"
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 # HF PEFT peft_type -> peftcli method, for adapters written by other tools
 FOREIGN = {"LORA": lambda c: "dora" if c.get("use_dora") else "lora", "IA3": lambda c: "ia3", "ADALORA": lambda c: "adalora"}
+# HF PEFT methods with no peftcli counterpart yet: named in the error instead of a bare "not supported"
+NOT_YET = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning",
+           "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,8 +77,25 @@ def adapter_tensors(method, model) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def peft_config(method, model, base_name: str | None, task: str) -> dict:
-    cfg = method.adapter_config(model, base_name)
+def peft_base_name(name: str | None, gguf_file: str | None = None) -> str | None:
+    """base_model_name_or_path for adapter_config.json: something transformers/AutoPeftModel can load.
+    A demo alias becomes its resolved local folder, a local path an absolute one; a hub id stays. (For a
+    GGUF base the folder holds the .gguf file: transformers needs gguf_file= besides the folder.)
+    peftcli.json keeps the name as the recipe wrote it."""
+    if not name:
+        return name
+    from peftcli.models import resolve_path
+    from peftcli.recipe import ModelCfg
+
+    try:
+        path, _ = resolve_path(ModelCfg(name_or_path=name, gguf_file=gguf_file))
+    except (UserError, ValueError):
+        return name
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def peft_config(method, model, base_name: str | None, task: str, gguf_file: str | None = None) -> dict:
+    cfg = method.adapter_config(model, peft_base_name(base_name, gguf_file))
     cfg.update(task_type=TASK_TYPES.get(task), inference_mode=True, revision=None, peft_version=_peft_version())
     return cfg
 
@@ -97,7 +118,8 @@ def write_adapter(directory: Path, method, model, meta: dict, recipe_yaml: str |
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(method, model) if tensors is None else tensors
-    config = peft_config(method, model, meta.get("base", {}).get("name_or_path"), meta.get("base", {}).get("task", "causal-lm"))
+    base = meta.get("base", {})
+    config = peft_config(method, model, base.get("name_or_path"), base.get("task", "causal-lm"), base.get("gguf_file"))
     saved_opts = method.saved_options() if hasattr(method, "saved_options") else method.opts
     meta = {**meta, "peftcli_version": __version__, "method": saved_opts.model_dump(mode="json"),
             "saved_modules": method.saved_modules, "describe": method.describe(model)}
@@ -132,8 +154,20 @@ class AdapterDir:
     options: object = None  # the method's validated options (set by read_adapter)
 
     @property
+    def weights(self) -> Path:
+        """adapter_model.safetensors, or a legacy adapter_model.bin when only that exists."""
+        return weights_file(self.path) or self.path / WEIGHTS
+
+    @property
     def size_bytes(self) -> int:
-        return (self.path / WEIGHTS).stat().st_size
+        return self.weights.stat().st_size
+
+
+def weights_file(path: Path) -> Path | None:
+    for name in (WEIGHTS, LEGACY_WEIGHTS):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
 
 
 def _read_json(file: Path, what: str):
@@ -196,6 +230,9 @@ def adapter_options(path: Path, config: dict, meta: dict | None):
         return _check_options(file, get_method(name).Options, meta["method"], ("method",), fix)
     file = path / CONFIG
     peft_type = config.get("peft_type")
+    if peft_type in NOT_YET:
+        raise UserError(f"{file}: {NOT_YET[peft_type]} ({peft_type}) adapters are not supported: peftcli has no "
+                        f"{NOT_YET[peft_type]} method yet (supported peft_type: {', '.join(FOREIGN)})")
     if peft_type not in FOREIGN:
         raise UserError(f"{file}: peft_type {one_line(repr(peft_type), 80)} is not supported "
                         f"(supported: {', '.join(FOREIGN)}) and the directory has no {META}")
@@ -219,10 +256,25 @@ def adapter_options(path: Path, config: dict, meta: dict | None):
         raise UserError(f"{file}: not a valid {peft_type} adapter config ({one_line(exc, 120)}); {fix}") from None
 
 
+def _load_legacy(file: Path) -> dict[str, torch.Tensor]:
+    """A legacy adapter_model.bin: torch.load with weights_only=True (tensors only, no pickled code)."""
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (not plain tensors), a truncated zip, OSError
+        raise UserError(f"{file}: not a readable torch state dict ({one_line(exc, 120)}); "
+                        "re-export the adapter as safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{file}: expected a dict of tensor names to tensors; re-export the adapter as safetensors")
+    return sd
+
+
 def _check_weights(file: Path) -> None:
     """Parse the safetensors header, which also checks that the file is as long as the header says."""
     from safetensors import safe_open
 
+    if file.name == LEGACY_WEIGHTS:
+        _load_legacy(file)
+        return
     try:
         with safe_open(str(file), "pt") as f:
             f.keys()
@@ -239,14 +291,13 @@ def read_adapter(path: str | Path) -> AdapterDir:
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "not found"
         raise UserError(f"adapter directory {path} {what}")
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        hint = " (legacy adapter_model.bin is not supported; re-save it as safetensors)" if (path / "adapter_model.bin").exists() else ""
-        raise UserError(f"{path} is not an adapter directory: it needs {CONFIG} and {WEIGHTS}{hint}")
+    if not (path / CONFIG).is_file() or weights_file(path) is None:
+        raise UserError(f"{path} is not an adapter directory: it needs {CONFIG} and {WEIGHTS} (or a legacy {LEGACY_WEIGHTS})")
     config = _read_json(path / CONFIG, "the adapter config")
     meta = _read_json(path / META, "peftcli's metadata") if (path / META).is_file() else None
     adapter = AdapterDir(path, config, meta)
     adapter.options = adapter_options(path, config, meta)
-    _check_weights(path / WEIGHTS)
+    _check_weights(adapter.weights)
     return adapter
 
 
@@ -260,9 +311,73 @@ def method_for(adapter: AdapterDir):
 def load_tensors(adapter: AdapterDir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    file = adapter.path / WEIGHTS
+    file = adapter.weights
+    if file.name == LEGACY_WEIGHTS:
+        return _load_legacy(file)
     try:
         return load_file(str(file))
     except Exception as exc:  # SafetensorError, OSError: truncated or damaged since read_adapter
         raise UserError(f"{file}: corrupt or truncated safetensors file ({one_line(exc, 120)}); "
                         "re-export the adapter or re-train") from None
+
+
+# options that shape only the training run, not the stored tensors or the function they compute
+_TRAINING_ONLY = {"name", "init_from", "dropout", "freeze_a", "modules_to_save", "target_modules", "exclude_modules",
+                  "layers_to_transform", "layers_pattern", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                  "orth_reg_weight", "feedforward_modules", "r", "alpha", "rank_pattern", "alpha_pattern"}
+
+
+def continue_from(method, model, path: str | Path, fingerprint: str | None = None) -> AdapterDir:
+    """`method.init_from`: put an adapter directory's tensors (peftcli's or HF PEFT's) into `method`, just
+    applied to `model`. The adapter's method and the options that define its function must be the recipe's;
+    which modules it covers is checked tensor by tensor. Any mismatch is a one-line UserError."""
+    where = f"method.init_from: {path}"
+    try:
+        adapter = read_adapter(path)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    theirs, mine = adapter.options, method.opts
+    if theirs.name != mine.name:
+        raise UserError(f"{where} holds a {theirs.name} adapter, the recipe trains {mine.name}; set method.name: {theirs.name} "
+                        "or drop method.init_from")
+    if getattr(mine, "init", "default") == "pissa":
+        raise UserError(f"{where}: PiSSA replaces the base weights by a residual at init, so it cannot start from an adapter; "
+                        "continue it as a plain LoRA (method.init: default with the adapter's r and alpha)")
+    a, b = theirs.model_dump(mode="json"), mine.model_dump(mode="json")
+    if "init_r" not in b:  # LoRA, DoRA: r and alpha per module (rank_pattern / alpha_pattern), as the modules got them
+        a["r"], b["r"], a["alpha"], b["alpha"] = theirs.r, mine.r, theirs.alpha, mine.alpha
+    for key in sorted(set(a) | set(b)):
+        if key not in _TRAINING_ONLY and a.get(key) != b.get(key):
+            raise UserError(f"{where}: the adapter has method.{key}={one_line(repr(a.get(key)), 80)}, the recipe "
+                            f"{one_line(repr(b.get(key)), 80)}; make them equal to continue training it")
+    other = None
+    if hasattr(method, "module_r_alpha") and "init_r" not in b:
+        from peftcli.methods import build_method
+
+        other = build_method(theirs)
+        for p in method.wrapped:
+            if other.module_r_alpha(p) != method.module_r_alpha(p):
+                (r1, a1), (r2, a2) = other.module_r_alpha(p), method.module_r_alpha(p)
+                raise UserError(f"{where}: module {p} has r={r1}, alpha={a1} in the adapter, r={r2}, alpha={a2} in the recipe "
+                                "(method.r/alpha/rank_pattern/alpha_pattern); make them equal to continue training it")
+    if hasattr(method, "feedforward"):  # IA3: which modules scale their input rather than their output
+        from peftcli.methods.ia3 import DEFAULT_IA3_FEEDFORWARD
+        from peftcli.methods.targets import matches
+
+        spec = theirs.feedforward_modules
+        if spec is None:
+            spec = DEFAULT_IA3_FEEDFORWARD.get(getattr(getattr(model, "config", None), "model_type", None), [])
+        ff = [p for p in method.wrapped if matches(p, spec)]
+        if ff != method.feedforward:
+            diff = sorted(set(ff) ^ set(method.feedforward))
+            raise UserError(f"{where}: method.feedforward_modules differ: {diff[0]} is feed-forward in "
+                            f"{'the adapter' if diff[0] in ff else 'the recipe'} only; make them equal to continue training it")
+    expected = ((adapter.meta or {}).get("base") or {}).get("fingerprint")
+    if expected and fingerprint and expected != fingerprint:
+        raise UserError(f"{where} was trained on another base (weights fingerprint {expected} != {fingerprint}); "
+                        "use the adapter's base model")
+    try:
+        method.load_state_dict(model, load_tensors(adapter))
+    except UserError as exc:
+        raise UserError(f"{where} does not fit the recipe's method on this model: {exc}") from None
+    return adapter

@@ -25,6 +25,11 @@ def export_peft(adapter_path: str | Path, output: str | Path, overwrite: bool = 
         for name in (adapter_io.CONFIG, adapter_io.WEIGHTS, "README.md"):
             if (adapter.path / name).is_file():
                 shutil.copy2(adapter.path / name, tmp / name)
+        if adapter.weights.name == adapter_io.LEGACY_WEIGHTS:  # a legacy .bin is written as safetensors
+            from safetensors.torch import save_file
+
+            tensors = {k: v.contiguous() for k, v in adapter_io.load_tensors(adapter).items()}
+            save_file(tensors, str(tmp / adapter_io.WEIGHTS), metadata={"format": "pt"})
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

@@ -121,6 +121,8 @@ class Trainer:
         base_fp = fingerprint(model, exclude=loaded.new_modules)
         self.method = method = build_method(self.recipe.method_options)
         method.apply(model, mcfg.task, also_save=loaded.new_modules)
+        if method.opts.init_from:  # continue an adapter (peftcli's or HF PEFT's): its tensors, before the optimizer
+            adapter_io.continue_from(method, model, method.opts.init_from, base_fp)
         if tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph

@@ -432,7 +432,8 @@ def foreign(adapter: Path, **changes) -> None:
     ({"r": None}, ["missing required field 'r'", "LORA"]),
     ({"r": "big"}, ["r:", "'big'"]),
     ({"lora_dropout": 2}, [": lora_dropout: ", "(got 2)"]),
-    ({"peft_type": "PREFIX_TUNING"}, ["peft_type 'PREFIX_TUNING' is not supported"]),
+    ({"peft_type": "PREFIX_TUNING"}, ["prefix tuning (PREFIX_TUNING) adapters are not supported", "LORA, IA3, ADALORA"]),
+    ({"peft_type": "VERA"}, ["peft_type 'VERA' is not supported (supported: LORA, IA3, ADALORA)"]),
     ({"peft_type": None}, ["peft_type None is not supported"]),
 ])
 @pytest.mark.parametrize("command", ["inspect", "merge", "export-peft"])

@@ -189,7 +189,7 @@ class AdaLoRA(LoRA):
         self.allocator: _RankAllocator | None = None
         self.total_steps: int | None = None
 
-    def make_wrapper(self, base: nn.Module) -> AdapterModule:
+    def make_wrapper(self, base: nn.Module, path: str = "") -> AdapterModule:
         o = self.opts
         return SVDLinear(base, o.init_r, o.alpha, o.dropout)
 

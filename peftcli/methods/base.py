@@ -26,6 +26,9 @@ class MethodOptions(BaseModel):
     modules_to_save: list[str] | None = Field(
         None, description="modules trained and stored in full (a classification head is added automatically)"
     )
+    init_from: str | None = Field(
+        None, description="train: start from this adapter directory's tensors (written by peftcli or HF PEFT; same method and options)"
+    )
 
 
 class AdapterModule(nn.Module):

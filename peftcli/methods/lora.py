@@ -10,15 +10,20 @@ the residual `W - s B A`: outputs are unchanged at init. Our choice: the stored 
 the ORIGINAL base (what users load in PEFT/vLLM), converted like PEFT's
 `path_initial_model_for_weight_conversion`: `s (B A - B0 A0)` as a plain rank-2r LoRA `[B, -B0] / [A; A0]`
 with alpha scaled to keep s (`saved_options()` gives the options that reload it).
+
+`rank_pattern` / `alpha_pattern` (HF PEFT's): per-module r and alpha, keys are regexes matched against the
+module path as `(.*\.)?(key)$`, the first matching key wins (PEFT's `get_pattern_key`); unmatched modules
+take `r` / `alpha`. Written to and read from adapter_config.json unchanged.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from peftcli.errors import UserError
@@ -27,6 +32,9 @@ from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, r
 from peftcli.methods.targets import filter_targets, is_linear, linear_shape, resolve_targets
 
 TargetSpec = str | list[str] | None
+# adapter_config.json fields of PEFT's LoRA that change what the adapter computes and peftcli does not model
+FOREIGN_LORA_FIELDS = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
+                       "use_qalora", "use_bdlora", "arrow_config")
 
 
 class LoraOptions(MethodOptions):
@@ -43,6 +51,25 @@ class LoraOptions(MethodOptions):
     init: Literal["default", "pissa"] = Field(
         "default", description="pissa: A, B from the top-r singular vectors of W, W replaced by the residual; saved as a plain rank-2r LoRA on the original W"
     )
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module rank: {regex: r}, PEFT's rule (.*\\.)?(key)$, first match wins")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-module alpha: {regex: alpha}, matched as rank_pattern")
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, v: dict, info):
+        for key, value in v.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"key {key!r} is not a valid regex ({exc})") from None
+            if value <= 0 or (info.field_name == "rank_pattern" and value < 1):
+                raise ValueError(f"{key!r}: {value} must be positive")
+        return v
+
+
+def pattern_key(keys, path: str) -> str | None:
+    """The first key matching the module path `path` as HF PEFT's get_pattern_key does, or None."""
+    return next((k for k in keys if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
 def _adapter_dtype(base: nn.Module) -> torch.dtype:
@@ -112,9 +139,16 @@ class LoRA(Method):
     Options = LoraOptions
     wrapper_cls = LoraLinear
 
-    def make_wrapper(self, base: nn.Module) -> AdapterModule:
+    def module_r_alpha(self, path: str) -> tuple[int, float]:
+        """r and alpha of the module at `path` (rank_pattern / alpha_pattern, else r / alpha)."""
         o = self.opts
-        wrapper = self.wrapper_cls(base, o.r, o.alpha, o.dropout, o.use_rslora)
+        rk, ak = pattern_key(o.rank_pattern, path), pattern_key(o.alpha_pattern, path)
+        return (o.rank_pattern[rk] if rk is not None else o.r), (o.alpha_pattern[ak] if ak is not None else o.alpha)
+
+    def make_wrapper(self, base: nn.Module, path: str = "") -> AdapterModule:
+        o = self.opts
+        r, alpha = self.module_r_alpha(path)
+        wrapper = self.wrapper_cls(base, r, alpha, o.dropout, o.use_rslora)
         if getattr(o, "init", "default") == "pissa":
             wrapper.pissa_init()
         return wrapper
@@ -123,7 +157,7 @@ class LoRA(Method):
         o = self.opts
         self.wrapped = resolve_targets(model, o.target_modules, o.exclude_modules, o.layers_to_transform, o.layers_pattern)
         for path in self.wrapped:
-            wrapper = self.make_wrapper(model.get_submodule(path))
+            wrapper = self.make_wrapper(model.get_submodule(path), path)
             if getattr(o, "freeze_a", False):
                 wrapper.lora_A.weight.requires_grad_(False)
             replace_module(model, path, wrapper)
@@ -145,8 +179,10 @@ class LoRA(Method):
         o = self.opts
         if getattr(o, "init", "default") != "pissa":
             return o
-        alpha = o.alpha * (math.sqrt(2) if o.use_rslora else 2)  # s = alpha/r or alpha/sqrt(r) stays put
-        return o.model_copy(update={"r": 2 * o.r, "alpha": alpha, "init": "default"})
+        f = math.sqrt(2) if o.use_rslora else 2  # s = alpha/r or alpha/sqrt(r) stays put
+        return o.model_copy(update={"r": 2 * o.r, "alpha": o.alpha * f, "init": "default",
+                                    "rank_pattern": {k: 2 * v for k, v in o.rank_pattern.items()},
+                                    "alpha_pattern": {k: v * f for k, v in o.alpha_pattern.items()}})
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         sd = super().state_dict(model)
@@ -182,16 +218,18 @@ class LoRA(Method):
             "init_lora_weights": True,
             "use_rslora": o.use_rslora,
             "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": dict(o.rank_pattern),
+            "alpha_pattern": dict(o.alpha_pattern),
             "lora_bias": False,
         }
 
     @classmethod
     def from_adapter_config(cls, cfg: dict) -> LoraOptions:
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            raise UserError("rank_pattern/alpha_pattern adapters are not supported yet")
-        if str(cfg.get("init_lora_weights", True)).lower().startswith(("pissa", "corda", "olora")):
+        unsupported = [k for k in FOREIGN_LORA_FIELDS if cfg.get(k)]
+        if unsupported:
+            raise UserError(f"LoRA adapters with {unsupported[0]}={cfg[unsupported[0]]!r} are not supported "
+                            f"(peftcli reads plain, rsLoRA, DoRA, rank_pattern/alpha_pattern and modules_to_save LoRA)")
+        if str(cfg.get("init_lora_weights", True)).lower().startswith(("pissa", "corda", "olora", "lora_ga")):
             raise UserError("this adapter was saved against a residual base (init_lora_weights="
                             f"{cfg['init_lora_weights']}); re-save it with PEFT's path_initial_model_for_weight_conversion")
         if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
@@ -201,11 +239,15 @@ class LoRA(Method):
             target_modules=cfg.get("target_modules"), exclude_modules=cfg.get("exclude_modules"),
             layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
             use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=cfg.get("modules_to_save"),
+            rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
         )
 
     def describe(self, model: nn.Module) -> dict:
         d = super().describe(model)
         d["rank"] = self.opts.r
         d["scaling"] = next(iter(self.wrappers(model).values())).scaling if self.wrapped else None
+        if self.opts.rank_pattern or self.opts.alpha_pattern:
+            d["ranks"] = {p: w.r for p, w in self.wrappers(model).items()}
+            d["scalings"] = {p: w.scaling for p, w in self.wrappers(model).items()}
         return d
 
