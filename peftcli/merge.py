@@ -1,5 +1,11 @@
 """Fold an adapter into its base and prove it: the merged model, reloaded from disk, must give the
-unmerged model's logits within the dtype's tolerance, or nothing is written."""
+unmerged model's logits within the dtype's tolerance, or nothing is written.
+
+Two paths with bit-identical output: streaming (streaming.py: shard by shard from the base's
+safetensors files, in about one tensor of memory; the default whenever every part of the adapter has
+a per-tensor merge) and in memory (the model loaded, the method's own `merge`; HiWi's weight form,
+SAID/DID, GGUF or .bin bases, `--in-memory`). Verification loads the model, so it is skipped by default
+when the model does not fit in memory twice (`--verify` forces it, `--no-verify` skips it)."""
 
 from __future__ import annotations
 
@@ -108,11 +114,13 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
     if not in_memory:
         adapter = adapter_io.read_adapter(path)
         plan = streaming.plan_merge(adapter, base_model_cfg(adapter, base, dtype), force)
+    t_plan = time.perf_counter() - t0
     if isinstance(plan, str):
         res = _merge_in_memory(path, output, base, dtype, force, verify)
         res.update(path="in-memory", in_memory_reason=plan)
     else:
         res = _merge_streaming(plan, path, output, base, dtype, force, verify, progress)
+        res["phase_seconds"]["plan"] = round(t_plan, 2)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -167,6 +175,7 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
     fits, avail = _fits_in_memory(plan.total_bytes)
     do_verify = fits if verify is None else verify
     before = None
+    phases, t = {}, time.perf_counter()
     if do_verify:  # the unmerged adapter's logits, from the model in memory, freed before the merge
         a = load_adapted(path, base, dtype, force)
         tok = a.loaded.tokenizer
@@ -177,7 +186,10 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
         gc.collect()
     tmp, created = _make_tmp(output)
     try:
+        if do_verify:
+            phases["verify_load"], t = round(time.perf_counter() - t, 2), time.perf_counter()
         facts = streaming.write_merged(plan, tmp, progress)
+        phases["write"], t = round(time.perf_counter() - t, 2), time.perf_counter()
         max_diff = tol = None
         if do_verify:
             tok = plan.tokenizer
@@ -187,12 +199,13 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
             after = probe_logits(reloaded, tok)
             del reloaded
             max_diff, tol = _compare(before, after, plan.dtype)
+            phases["verify_reload"] = round(time.perf_counter() - t, 2)
         _publish(tmp, output)
     except BaseException:
         _cleanup(tmp, created)
         raise
     res = {"output": str(output), "method": plan.method, "dtype": plan.dtype, "max_abs_diff": max_diff, "tolerance": tol,
-           "path": "streaming", "verified": do_verify, **facts}
+           "path": "streaming", "verified": do_verify, **facts, "phase_seconds": phases}
     if not do_verify:
         res["verify_skipped"] = ("--no-verify" if verify is False else
                                  f"the model ({plan.total_bytes / 2**30:.1f} GiB) does not fit twice in the available "
