@@ -336,6 +336,17 @@ def test_train_continues_a_peft_adapter_and_refuses_mismatches(tmp_path, tiny_ll
     loss0 = trainer.train_step(0)["loss"]
     assert trainer.train_step(1)["loss"] < loss0
 
+    # the command end to end: the continued adapter is written and loads in PEFT
+    from peft import PeftModel
+
+    result = invoke("train", _recipe(tmp_path, tiny_llama_dir, data_files, "cli", rank_pattern={"v_proj": 2}, init_from=str(src)))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "peftcli.json").read_text())["method"]["init_from"] == str(src)
+    PeftModel.from_pretrained(load_base(tiny_llama_dir, "causal-lm"), tmp_path / "cli")
+    one_line_error(invoke("train", _recipe(tmp_path, tiny_llama_dir, data_files, "cli2", name="dora", init_from=str(src))),
+                   "holds a lora adapter, the recipe trains dora")
+    assert not (tmp_path / "cli2").exists()
+
     for method, fragment in [({"name": "lora"}, "v_proj has r=2, alpha=8.0 in the adapter, r=4, alpha=8.0 in the recipe"),
                              ({"name": "dora", "rank_pattern": {"v_proj": 2}}, "holds a lora adapter, the recipe trains dora"),
                              ({"name": "lora", "alpha": 16, "rank_pattern": {"v_proj": 2}}, "alpha=16.0 in the recipe"),
