@@ -231,6 +231,7 @@ def test_value_gradients_equal_the_dense_weight_gradient(arch, gather, monkeypat
     monkeypatch.setattr(sparse, "GATHER_BYTES", 4096)  # several token chunks
     base = tiny_model(arch)
     layer = next(m for n, m in base.named_modules() if is_linear(m) and n.count(".") >= 3)
+    w0 = layer.weight.detach().clone()  # the wrapper writes base + values into the selected entries
     idx = torch.randperm(layer.weight.numel(), generator=torch.Generator().manual_seed(1))[:40].sort().values
     wrapper = SparseDeltaLinear(layer, idx)
     with torch.no_grad():
@@ -238,7 +239,8 @@ def test_value_gradients_equal_the_dense_weight_gradient(arch, gather, monkeypat
     x = torch.randn(3, 7, layer.weight.shape[0] if arch == "gpt2" else layer.weight.shape[1], requires_grad=True)
     wrapper(x).square().sum().backward()
     # reference: autograd through a dense W + scatter(values)
-    w = layer.weight.detach().clone().requires_grad_(True)
+    assert not torch.equal(layer.weight, w0) and torch.equal(layer.weight.reshape(-1)[idx], w0.reshape(-1)[idx] + wrapper.sparse_values)
+    w = w0.clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     eff = w + torch.zeros(w.numel()).index_add(0, idx, wrapper.sparse_values.detach()).view_as(w)
     out = x_ref @ eff + layer.bias if arch == "gpt2" else torch.nn.functional.linear(x_ref, eff, layer.bias)

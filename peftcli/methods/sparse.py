@@ -16,11 +16,12 @@ weights, so merge adds no latency. One mechanism, four ways to choose the subset
 The mechanism: each eligible linear layer is wrapped in `SparseDeltaLinear`, which holds the frozen base
 weight, `sparse_indices` (flat positions in the base weight's own storage layout, int64 buffer) and
 `sparse_values`, the only trainable tensor (k entries, zero at init: outputs unchanged). So the
-parameters and the optimizer's moments scale with k, not with the dense tensors. Forward builds
-W + scatter(values) for the layer's matmul and drops it; backward rebuilds it for the input gradient and
-computes the k value gradients alone, gathering the output gradient and input columns of the selected
-entries per token chunk: no weight-size gradient exists. (A layer whose mask holds 5% or more of its
-entries, e.g. Child-Tuning's 30%, takes one transient dense matmul instead, one layer at a time.) Fish and Child-Tuning D need
+parameters and the optimizer's moments scale with k, not with the dense tensors. The trained values are the
+weights: the selected entries of the frozen weight hold base + values (rewritten after each update), so the
+layer runs as a plain linear layer with no copy of its weight; backward computes the k value gradients
+alone, as row dot products of the gathered output-gradient and input rows: no weight-size gradient exists.
+(A layer whose mask holds 5% or more of its entries, e.g. Child-Tuning's 30%, takes one transient dense
+matmul instead, one layer at a time.) Fish and Child-Tuning D need
 dense gradients of every eligible tensor while the mask is computed (before training), LT-SFT's first phase
 is a dense fine-tune: both cost dense memory once, and are re-done identically on --resume.
 
@@ -94,22 +95,24 @@ class ChildTuningOptions(SparseOptions):
 
 
 GATHER_BELOW = 0.05  # below this density a layer's value gradients are gathered, above it one dense matmul
-GATHER_BYTES = 32 << 20  # token chunk of the gathered products
+GATHER_BYTES = 32 << 20  # chunk of the gathered products
 
 
 class _SparseLinear(torch.autograd.Function):
-    """y = x (W + S)^T + b with S = scatter(values at indices); W frozen. Saves x, not W + S.
+    """y = x W'^T + b where W' is the layer's weight with the delta already in it (a sparse mask keeps the
+    selected entries of the weight itself at base + values, see SparseDeltaLinear.sync) or, for a dense
+    delta, W + values built for the call. Saves x, not a copy of the weight.
 
-    The values' gradient is dW[out_j, in_j] = sum_t g[t, out_j] x[t, in_j]. For a sparse mask it is computed
-    for the k selected entries only (a gather of g and x per token chunk: k/(in*out) of a dense weight
-    gradient's multiply-adds, no weight-size tensor); a dense delta (or a dense-ish mask) uses one matmul."""
+    The values' gradient is dW'[out_j, in_j] = sum_t g[t, out_j] x[t, in_j]. For a sparse mask it is computed
+    for the k selected entries only (row dot products of the gathered output-gradient and input rows, k/(in*out)
+    of a dense weight gradient's multiply-adds, no weight-size tensor); a dense or dense-ish mask uses one matmul."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, out_idx, in_idx, transposed, dense):
-        w = _with_delta(weight, values, indices, dense)
+        w = weight + values.view_as(weight).to(weight.dtype) if dense else weight
         out = F.linear(x, w.T if transposed else w, bias)
-        ctx.save_for_backward(x, weight, values, indices, out_idx, in_idx)
-        ctx.transposed, ctx.dense = transposed, dense
+        ctx.save_for_backward(x, weight, values if dense else None, indices, out_idx, in_idx)
+        ctx.transposed, ctx.dense, ctx.values_dtype, ctx.k = transposed, dense, values.dtype, values.numel()
         return out
 
     @staticmethod
@@ -117,36 +120,31 @@ class _SparseLinear(torch.autograd.Function):
         x, weight, values, indices, out_idx, in_idx = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            w = _with_delta(weight, values, indices, ctx.dense)
+            w = weight + values.view_as(weight).to(weight.dtype) if ctx.dense else weight
             grad_x = grad_out @ (w.T if ctx.transposed else w).to(grad_out.dtype)
         if ctx.needs_input_grad[3]:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(values.dtype)
-            x2 = x.reshape(-1, x.shape[-1]).to(values.dtype)
-            if ctx.dense or values.numel() >= GATHER_BELOW * weight.numel():
+            dt = ctx.values_dtype
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
+            if ctx.dense or ctx.k >= GATHER_BELOW * weight.numel():
                 full = g2.T @ x2  # (out, in): one layer's weight-size gradient, transient
                 full = (full.T if ctx.transposed else full).reshape(-1)
                 grad_values = full if ctx.dense else full.index_select(0, indices)
-            else:  # row dot products of the selected (output, input) pairs, over the tokens
+            else:  # row dot products of the selected (output, input) pairs over the tokens
                 gt, xt = g2.T.contiguous(), x2.T.contiguous()  # (out, T), (in, T): contiguous rows to gather
-                grad_values = torch.empty_like(values)
+                grad_values = torch.empty(ctx.k, dtype=dt, device=g2.device)
                 chunk = max(1, GATHER_BYTES // (8 * gt.shape[1]))
-                for a in range(0, values.numel(), chunk):
+                for a in range(0, ctx.k, chunk):
                     grad_values[a:a + chunk] = torch.linalg.vecdot(gt.index_select(0, out_idx[a:a + chunk]),
                                                                    xt.index_select(0, in_idx[a:a + chunk]))
         return grad_x, None, None, grad_values, None, None, None, None, None
 
 
-def _with_delta(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dense: bool) -> torch.Tensor:
-    if dense:  # Child-Tuning F
-        return weight + values.view_as(weight).to(weight.dtype)
-    w = weight.detach().clone()
-    w.view(-1).index_add_(0, indices, values.to(w.dtype))
-    return w
-
-
 class SparseDeltaLinear(AdapterModule):
-    """A Linear/Conv1D whose weight is W + scatter(sparse_values at sparse_indices); indices None: a dense
-    delta (every entry)."""
+    """A Linear/Conv1D trained at `sparse_indices` only: the trained values are the weights. The selected
+    entries of the (frozen, not trainable) base weight hold base + sparse_values, rewritten whenever the
+    values changed (`sync`, checked by the values' version counter at every forward): the layer runs as a
+    plain linear layer, with no copy of its weight. `sparse_base` keeps the k pretrained values, so merge,
+    storage and a reload all see base + values. indices None: a dense delta (Child-Tuning F), added per call."""
 
     def __init__(self, base: nn.Module, indices: torch.Tensor | None):
         super().__init__()
@@ -158,13 +156,27 @@ class SparseDeltaLinear(AdapterModule):
                              else indices.to(device=w.device, dtype=torch.long), persistent=False)
         n = w.numel() if self.dense else self.sparse_indices.numel()
         self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=_adapter_dtype(base)))
+        self.register_buffer("sparse_base", None if self.dense else w.detach().reshape(-1)[self.sparse_indices].clone(),
+                             persistent=False)
         # (output, input) position of every selected entry, for the gathered gradient
         rows, cols = self.sparse_indices // w.shape[1], self.sparse_indices % w.shape[1]
         out_idx, in_idx = (cols, rows) if self.transposed else (rows, cols)
         self.register_buffer("sparse_out", out_idx, persistent=False)
         self.register_buffer("sparse_in", in_idx, persistent=False)
+        self._synced: tuple | None = None
+
+    def sync(self) -> None:
+        """Selected entries of the weight = base + values (the same arithmetic as the merge)."""
+        v = self.sparse_values
+        if self.dense or self._synced == (id(v), v._version):
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.view(-1)[self.sparse_indices] = (self.sparse_base.float() + v.float()).to(w.dtype)
+        self._synced = (id(v), v._version)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sync()
         b = self.base_layer
         return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.sparse_out,
                                    self.sparse_in, self.transposed, self.dense)
@@ -188,36 +200,49 @@ class SparseDeltaLinear(AdapterModule):
             if self.dense:
                 base.weight.data = (base.weight.float() + self.sparse_values.float().view_as(base.weight)).to(base.weight.dtype)
             else:  # only the selected entries are touched: the others stay bit-identical
-                flat = base.weight.data.view(-1)
-                idx = self.sparse_indices
-                flat[idx] = (flat[idx].float() + self.sparse_values.float()).to(flat.dtype)
+                self._synced = None
+                self.sync()
         return base
 
 
 def select_smallest(scores: dict[str, torch.Tensor], density: float, scope: str, largest: bool = False) -> dict[str, torch.Tensor]:
-    """Flat indices per tensor of the k entries with the smallest (largest) score. Global scope: one k over
-    all entries; ties at the threshold go to the earliest tensor and position (deterministic)."""
+    """Sorted flat indices per tensor of the k entries with the smallest (largest) score; scores are >= 0.
+    Global scope: one k over all entries, ties at the threshold to the earliest tensor and position. The
+    threshold is found by bisection on the float bit patterns (monotonic for non-negative floats), one
+    tensor at a time: no concatenation of every eligible entry (400 MB on SmolLM2)."""
     if scope == "per_tensor":
-        return {name: _select(s.reshape(-1), max(1, round(density * s.numel())), largest) for name, s in scores.items()}
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    picked = _select(flat, max(1, round(density * flat.numel())), largest)
-    out, start = {}, 0
-    bounds = torch.tensor([scores[n].numel() for n in names]).cumsum(0)
-    for name, end in zip(names, bounds.tolist(), strict=True):
-        lo, hi = torch.searchsorted(picked, torch.tensor([start, end])).tolist()
-        out[name] = picked[lo:hi] - start
-        start = end
+        return {name: _take(s.reshape(-1).float(), max(1, round(density * s.numel())), largest)[0]
+                for name, s in scores.items()}
+    total = sum(s.numel() for s in scores.values())
+    k = max(1, round(density * total))
+    bits = {n: s.reshape(-1).float().view(torch.int32) for n, s in scores.items()}
+
+    def count(b: int) -> int:  # entries on the selected side of b, b included
+        return sum(int(((t >= b) if largest else (t <= b)).sum()) for t in bits.values())
+
+    lo, hi = 0, 0x7F800000  # +0.0 .. +inf
+    while lo < hi:  # smallest: the least b with count >= k; largest: the greatest such b
+        mid = (lo + hi + (1 if largest else 0)) // 2
+        if (count(mid) >= k) != largest:
+            hi = mid if not largest else mid - 1
+        else:
+            lo = mid + 1 if not largest else mid
+    out, left = {}, k - (count(lo + 1) if largest else count(lo - 1))  # ties still to take, in order
+    for name, t in bits.items():
+        strict = ((t > lo) if largest else (t < lo)).nonzero().view(-1)
+        ties = (t == lo).nonzero().view(-1)[: max(left, 0)]
+        left -= ties.numel()
+        out[name] = torch.cat([strict, ties]).sort().values
     return out
 
 
-def _select(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Sorted positions of the k smallest (largest) values; ties broken by position."""
+def _take(flat: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, float]:
+    """Sorted positions of the k smallest (largest) values of one tensor; ties broken by position."""
     key = -flat if largest else flat
     kth = torch.kthvalue(key, k).values
     below = (key < kth).nonzero().view(-1)
     ties = (key == kth).nonzero().view(-1)[: k - below.numel()]
-    return torch.cat([below, ties]).sort().values
+    return torch.cat([below, ties]).sort().values, float(kth)
 
 
 class SparseMethod(Method):
@@ -303,6 +328,9 @@ class SparseMethod(Method):
                 continue  # no entry of this layer was selected
             module = model.get_submodule(path)
             base = module.base_layer if isinstance(module, SparseDeltaLinear) else module
+            if isinstance(module, SparseDeltaLinear) and not module.dense:
+                with torch.no_grad():  # the pretrained values back before another mask takes the layer
+                    base.weight.view(-1)[module.sparse_indices] = module.sparse_base
             if idx is not None and idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < base.weight.numel()):
                 raise UserError(f"adapter tensor {PREFIX}{path}.sparse_indices points outside the {tuple(base.weight.shape)} weight")
             replace_module(model, path, SparseDeltaLinear(base, None if idx is None else idx.long()))
