@@ -19,7 +19,7 @@ weight, `sparse_indices` (flat positions in the base weight's own storage layout
 parameters and the optimizer's moments scale with k, not with the dense tensors. The trained values are the
 weights: the selected entries of the frozen weight hold base + values (rewritten after each update), so the
 layer runs as a plain linear layer with no copy of its weight; backward computes the k value gradients
-alone, as row dot products of the gathered output-gradient and input rows: no weight-size gradient exists.
+alone, as a sampled matmul at the mask's entries: no weight-size gradient exists.
 (A layer whose mask holds 5% or more of its entries, e.g. Child-Tuning's 30%, takes one transient dense
 matmul instead, one layer at a time.) Fish and Child-Tuning D need
 dense gradients of every eligible tensor while the mask is computed (before training), LT-SFT's first phase
@@ -40,6 +40,7 @@ unselected entries stay bit-identical.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -94,8 +95,7 @@ class ChildTuningOptions(SparseOptions):
         return self
 
 
-GATHER_BELOW = 0.05  # below this density a layer's value gradients are gathered, above it one dense matmul
-GATHER_BYTES = 32 << 20  # chunk of the gathered products
+GATHER_BELOW = 0.05  # below this density a layer's value gradients come from a sampled matmul, above it a dense one
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -104,20 +104,22 @@ class _SparseLinear(torch.autograd.Function):
     delta, W + values built for the call. Saves x, not a copy of the weight.
 
     The values' gradient is dW'[out_j, in_j] = sum_t g[t, out_j] x[t, in_j]. For a sparse mask it is computed
-    for the k selected entries only (row dot products of the gathered output-gradient and input rows, k/(in*out)
-    of a dense weight gradient's multiply-adds, no weight-size tensor); a dense or dense-ish mask uses one matmul."""
+    at the k selected entries only, as a sampled dense-dense matmul (torch.sparse.sampled_addmm over the mask in
+    CSR form): no weight-size tensor, and faster than the dense weight gradient up to ~5% density (SmolLM2's
+    1536 x 576 layer, 1024 tokens: 4.3 ms at 0.5%, 8.7 ms at 5%, dense 11 ms); denser masks take the dense matmul.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, out_idx, in_idx, transposed, dense):
+    def forward(ctx, x, weight, bias, values, indices, crow, col, transposed, dense):
         w = weight + values.view_as(weight).to(weight.dtype) if dense else weight
         out = F.linear(x, w.T if transposed else w, bias)
-        ctx.save_for_backward(x, weight, values if dense else None, indices, out_idx, in_idx)
+        ctx.save_for_backward(x, weight, values if dense else None, indices, crow, col)
         ctx.transposed, ctx.dense, ctx.values_dtype, ctx.k = transposed, dense, values.dtype, values.numel()
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, values, indices, out_idx, in_idx = ctx.saved_tensors
+        x, weight, values, indices, crow, col = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             w = weight + values.view_as(weight).to(weight.dtype) if ctx.dense else weight
@@ -125,17 +127,16 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dt = ctx.values_dtype
             g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
+            a, b = (x2.T, g2) if ctx.transposed else (g2.T, x2)  # the gradient in the weight's storage layout = a @ b
             if ctx.dense or ctx.k >= GATHER_BELOW * weight.numel():
-                full = g2.T @ x2  # (out, in): one layer's weight-size gradient, transient
-                full = (full.T if ctx.transposed else full).reshape(-1)
+                full = (a @ b).reshape(-1)  # one layer's weight-size gradient, transient
                 grad_values = full if ctx.dense else full.index_select(0, indices)
-            else:  # row dot products of the selected (output, input) pairs over the tokens
-                gt, xt = g2.T.contiguous(), x2.T.contiguous()  # (out, T), (in, T): contiguous rows to gather
-                grad_values = torch.empty(ctx.k, dtype=dt, device=g2.device)
-                chunk = max(1, GATHER_BYTES // (8 * gt.shape[1]))
-                for a in range(0, ctx.k, chunk):
-                    grad_values[a:a + chunk] = torch.linalg.vecdot(gt.index_select(0, out_idx[a:a + chunk]),
-                                                                   xt.index_select(0, in_idx[a:a + chunk]))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                    mask = torch.sparse_csr_tensor(crow, col, torch.zeros(ctx.k, dtype=dt, device=a.device),
+                                                   size=(a.shape[0], b.shape[1]), check_invariants=False)
+                    grad_values = torch.sparse.sampled_addmm(mask, a, b, beta=0.0).values()
         return grad_x, None, None, grad_values, None, None, None, None, None
 
 
@@ -158,11 +159,12 @@ class SparseDeltaLinear(AdapterModule):
         self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=_adapter_dtype(base)))
         self.register_buffer("sparse_base", None if self.dense else w.detach().reshape(-1)[self.sparse_indices].clone(),
                              persistent=False)
-        # (output, input) position of every selected entry, for the gathered gradient
-        rows, cols = self.sparse_indices // w.shape[1], self.sparse_indices % w.shape[1]
-        out_idx, in_idx = (cols, rows) if self.transposed else (rows, cols)
-        self.register_buffer("sparse_out", out_idx, persistent=False)
-        self.register_buffer("sparse_in", in_idx, persistent=False)
+        # the mask in CSR form over the weight's storage layout (indices are sorted: row-major order)
+        rows = self.sparse_indices // w.shape[1]
+        crow = torch.zeros(w.shape[0] + 1, dtype=torch.long, device=w.device)
+        crow[1:] = torch.bincount(rows, minlength=w.shape[0]).cumsum(0)
+        self.register_buffer("sparse_crow", crow, persistent=False)
+        self.register_buffer("sparse_col", self.sparse_indices % w.shape[1], persistent=False)
         self._synced: tuple | None = None
 
     def sync(self) -> None:
@@ -178,8 +180,8 @@ class SparseDeltaLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sync()
         b = self.base_layer
-        return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.sparse_out,
-                                   self.sparse_in, self.transposed, self.dense)
+        return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.sparse_crow,
+                                   self.sparse_col, self.transposed, self.dense)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"sparse_values": self.sparse_values}
