@@ -65,6 +65,12 @@ def _scheduler(optimizer, cfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def _loss_sum(mean: torch.Tensor, n: int) -> torch.Tensor:
+    """A batch's summed loss from its mean over n label terms; an all-masked batch adds nothing (but keeps
+    the graph, so DDP still sees every parameter)."""
+    return mean.float() * n if n else mean.float().nan_to_num() * 0.0
+
+
 def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -234,7 +240,7 @@ class Trainer:
             saved = None
         if not isinstance(saved, dict):
             raise UserError(f"--resume: {ckpt} has no readable {adapter_io.RECIPE}; pass --overwrite to start over")
-        mine = {k: v for k, v in self.recipe_resolved.items()}
+        mine = dict(self.recipe_resolved)
         mine["train"] = {**mine["train"], "resume": saved.get("train", {}).get("resume")}
         diff = _recipe_diff(saved, mine)
         if diff:
@@ -269,7 +275,7 @@ class Trainer:
                     batch = self.collated([data.train[i] for i in chunk])
                     n = sum(self.counts[i] for i in chunk)
                     mean, _ = self.loss_module(**batch)
-                    part = mean.float() * n if n else mean.float().nan_to_num() * 0.0
+                    part = _loss_sum(mean, n)
                     (part / max(total, 1)).backward()
                     loss_sum, tokens = loss_sum + part.item(), tokens + int(batch["attention_mask"].sum())
                 if tcfg.max_grad_norm:
@@ -297,7 +303,7 @@ class Trainer:
             sync = m == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 mean, _ = self.model(**batch)
-                part = mean.float() * n if n else mean.float().nan_to_num() * 0.0  # an all-masked micro-batch adds nothing
+                part = _loss_sum(mean, n)
                 if nan_fault:
                     part = part * float("nan")
                 loss = part * scale
