@@ -89,10 +89,10 @@ def train(
     from peftcli.recipe import load_recipe
 
     r = load_recipe(recipe, set_)  # a bad recipe fails here, once, before any process starts
-    if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        import subprocess
+    from peftcli.distributed import in_distributed_launch, launch_command
 
-        from peftcli.distributed import launch_command
+    if num_processes > 1 and not in_distributed_launch():
+        import subprocess
 
         argv = ["train", str(recipe), *[f"--set={s}" for s in set_ or []], *(["--output-dir", output_dir] if output_dir else []),
                 *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else []), *(["--json"] if as_json else [])]

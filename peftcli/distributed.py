@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peftcli.data import IGNORE
 from peftcli.errors import UserError
-
-IGNORE = -100
 
 
 def has_gpu() -> bool:
@@ -38,7 +37,7 @@ def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_c
     AcceleratorState._reset_state(reset_partial_state=False)
     kw: dict = {"mixed_precision": mixed_precision, "cpu": not has_gpu(),
                 "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
-    if distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed == "fsdp" and in_distributed_launch():
         if not has_gpu():
             # Accelerate enables FSDP for GPU backends only and would silently fall back to DDP
             raise UserError("train.distributed: fsdp runs on GPUs only (Accelerate does not shard over gloo); "
@@ -53,7 +52,7 @@ def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_c
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("train.distributed: deepspeed needs the deepspeed package (pip install deepspeed) and GPUs; "
                             "use train.distributed: ddp or fsdp")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if in_distributed_launch():
             from accelerate.utils import DeepSpeedPlugin
 
             kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config, zero_stage=2)
@@ -90,9 +89,6 @@ def launch_main(args: list[str]) -> int:
         return codes[0] if codes else 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(launch_main(sys.argv[1:]))
 
 
 def single_process_launch_warning() -> str | None:
@@ -178,3 +174,7 @@ class GlobalBatches:
 def shard(n_rows: int, rank: int, num_processes: int) -> list[int]:
     """Rows of an evaluation set for this rank (strided; every row once over all ranks)."""
     return list(range(rank, n_rows, num_processes))
+
+
+if __name__ == "__main__":
+    sys.exit(launch_main(sys.argv[1:]))

@@ -223,11 +223,11 @@ def test_train_inspect_merge_through_the_cli(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and GPT-2's transposed Conv1D
-@pytest.mark.parametrize("gather", [True, False])
-def test_value_gradients_equal_the_dense_weight_gradient(arch, gather, monkeypatch):
+@pytest.mark.parametrize("sampled", [True, False])
+def test_value_gradients_equal_the_dense_weight_gradient(arch, sampled, monkeypatch):
     from peftcli.methods import sparse
 
-    monkeypatch.setattr(sparse, "GATHER_BELOW", 1.1 if gather else 0.0)
+    monkeypatch.setattr(sparse, "SAMPLED_BELOW", 1.1 if sampled else 0.0)
     base = tiny_model(arch)
     layer = next(m for n, m in base.named_modules() if is_linear(m) and n.count(".") >= 3)
     w0 = layer.weight.detach().clone()  # the wrapper writes base + values into the selected entries

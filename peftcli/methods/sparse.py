@@ -95,7 +95,7 @@ class ChildTuningOptions(SparseOptions):
         return self
 
 
-GATHER_BELOW = 0.05  # below this density a layer's value gradients come from a sampled matmul, above it a dense one
+SAMPLED_BELOW = 0.05  # below this density a layer's value gradients come from a sampled matmul, above it a dense one
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -128,7 +128,7 @@ class _SparseLinear(torch.autograd.Function):
             dt = ctx.values_dtype
             g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt), x.reshape(-1, x.shape[-1]).to(dt)
             a, b = (x2.T, g2) if ctx.transposed else (g2.T, x2)  # the gradient in the weight's storage layout = a @ b
-            if ctx.dense or ctx.k >= GATHER_BELOW * weight.numel():
+            if ctx.dense or ctx.k >= SAMPLED_BELOW * weight.numel():
                 full = (a @ b).reshape(-1)  # one layer's weight-size gradient, transient
                 grad_values = full if ctx.dense else full.index_select(0, indices)
             else:
@@ -213,7 +213,7 @@ def select_smallest(scores: dict[str, torch.Tensor], density: float, scope: str,
     threshold is found by bisection on the float bit patterns (monotonic for non-negative floats), one
     tensor at a time: no concatenation of every eligible entry (400 MB on SmolLM2)."""
     if scope == "per_tensor":
-        return {name: _take(s.reshape(-1).float(), max(1, round(density * s.numel())), largest)[0]
+        return {name: _take(s.reshape(-1).float(), max(1, round(density * s.numel())), largest)
                 for name, s in scores.items()}
     total = sum(s.numel() for s in scores.values())
     k = max(1, round(density * total))
@@ -238,13 +238,13 @@ def select_smallest(scores: dict[str, torch.Tensor], density: float, scope: str,
     return out
 
 
-def _take(flat: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, float]:
+def _take(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """Sorted positions of the k smallest (largest) values of one tensor; ties broken by position."""
     key = -flat if largest else flat
     kth = torch.kthvalue(key, k).values
     below = (key < kth).nonzero().view(-1)
     ties = (key == kth).nonzero().view(-1)[: k - below.numel()]
-    return torch.cat([below, ties]).sort().values, float(kth)
+    return torch.cat([below, ties]).sort().values
 
 
 class SparseMethod(Method):
