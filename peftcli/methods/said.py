@@ -15,8 +15,11 @@ inside the transformer blocks; norms and embeddings are options (tied embeddings
 their other user would keep theta0). The WHT is a butterfly over log2(L) vectorised stages; its
 backward is itself (H is symmetric), so autograd stores nothing for it.
 
-Mechanics: torch parametrizations make each tensor a function of theta_d; a forward pre-hook on the
-model computes all projections once per forward (tensors of the same L in one batched transform).
+Mechanics: torch parametrizations make each tensor a function of theta_d; forward hooks compute all
+projections once per forward (tensors of the same L in one batched transform) and drop them after it.
+The hooks sit on every module from the model down to the targets' common ancestor, so whichever of them
+the caller enters (the model, or its backbone `model.base_model` as the causal-LM loss does) fills the
+cache; a depth count keeps the nested ones from filling it again.
 Storage (peftcli-only, peft_type None): `<name>.theta_d`, `said.lambda` and `<name>.seed` only
 (kilobytes); loading regenerates the projections from the seed. Merge folds theta_i into the
 weights and removes the parametrizations: plain base modules remain.
@@ -130,6 +133,7 @@ class _Projector(nn.Module):
             self.register_buffer(f"G_{length}", gs.to(device), persistent=False)
             self.register_buffer(f"N_{length}", norm.to(device), persistent=False)
         self._cache: list[torch.Tensor] | None = None
+        self._depth = 0  # nested hooked modules entered: the outermost fills and clears the cache
 
     def _scale(self) -> torch.Tensor | None:
         return getattr(self, "lambda", None)
@@ -159,10 +163,33 @@ class _Projector(nn.Module):
     def clear(self, *_args) -> None:
         self._cache = None
 
+    def enter(self, *_args) -> None:
+        self._depth += 1  # first: the exit hook runs (always_call) even if the projection raises
+        if self._depth == 1:
+            self.fill()
+
+    def exit(self, *_args) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.clear()
+
     def delta(self, i: int) -> torch.Tensor:
         if self._cache is None:  # a tensor read outside a model forward: compute its group only
             return self._project_group(self.where[i][0])[i]
         return self._cache[i]
+
+
+def _entry_modules(model: nn.Module, paths: list[str]) -> list[nn.Module]:
+    """The model and each module on the way down to the deepest one holding every target (for a Llama:
+    the model, `model`, `model.layers`): the modules a forward over all targets can start from."""
+    common = paths[0].split(".")
+    for path in paths[1:]:
+        parts = path.split(".")
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return [model] + [model.get_submodule(".".join(common[:k])) for k in range(1, len(common) + 1)]
 
 
 class _Reparam(nn.Module):
@@ -246,8 +273,10 @@ class SAID(Method):
         for i, (path, pname) in enumerate(self.targets):
             # unsafe: skip the registration-time shape check, which would run a projection per tensor
             parametrize.register_parametrization(model.get_submodule(path), pname, _Reparam(projector, i), unsafe=True)
-        self._hooks = [model.register_forward_pre_hook(projector.fill),
-                       model.register_forward_hook(projector.clear, always_call=True)]
+        self._hooks = []
+        for entry in _entry_modules(model, [path for path, _ in self.targets]):
+            self._hooks += [entry.register_forward_pre_hook(projector.enter),
+                            entry.register_forward_hook(projector.exit, always_call=True)]
 
     def projector(self, model: nn.Module) -> _Projector:
         return model.get_submodule(self.name)

@@ -1,0 +1,88 @@
+"""Speed mechanisms of the slower methods, asserted as counts and exact values (never timings):
+SAID/DID compute each Fastfood group once per forward on every entry point, DoRA's cheaper norm is
+the same function and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftcli.loss import LossModel
+from peftcli.methods import build_method
+from peftcli.methods.said import _Projector
+from peftcli.train import Trainer
+from tests.conftest import tiny_model
+
+ROWS = [{"input_ids": ids, "labels": ids} for ids in ([5, 9, 11, 7, 5, 9, 13], [8, 6, 4, 2, 8], [3, 3, 5, 5, 7, 7, 9, 9])]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _count_projections(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = _Projector._project_group
+
+    def counted(self, length):
+        calls.append(length)
+        return original(self, length)
+
+    monkeypatch.setattr(_Projector, "_project_group", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["said", "did"])
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_said_projects_each_group_once_per_forward_through_the_train_path(monkeypatch, name, task):
+    model = tiny_model("llama", task)
+    method = build_method({"name": name, "d": 300})
+    method.apply(model, task)
+    rows = ROWS if task == "causal-lm" else [{"input_ids": r["input_ids"], "labels": i % 2} for i, r in enumerate(ROWS)]
+    # two micro-batches per optimizer step: two forwards
+    trainer = Trainer.for_model(model, method, rows, task=task, max_steps=2, batch_size=2, grad_accum=2, lr=1e-2,
+                                warmup_steps=0)
+    groups = sorted(method.projector(model).groups)
+    assert len(groups) >= 2  # the tiny Llama has tensors of several Fastfood lengths
+    if task == "causal-lm":
+        assert trainer.loss_module.selective  # the path that calls model.base_model, not the hooked model
+    calls = _count_projections(monkeypatch)
+    for step in range(2):
+        calls.clear()
+        trainer.train_step(step)
+        assert sorted(calls) == sorted(groups * 2), f"step {step}: {len(calls)} projections for {len(groups)} groups x 2 forwards"
+    # the cache lives for one forward only: nothing is held between forwards
+    assert method.projector(model)._cache is None
+
+
+@pytest.mark.parametrize("name", ["said", "did"])
+def test_said_cached_gradients_equal_the_uncached_computation(monkeypatch, name):
+    model = tiny_model("llama")
+    method = build_method({"name": name, "d": 300})
+    method.apply(model)
+    proj = method.projector(model)
+    with torch.no_grad():
+        proj.theta_d.normal_(0, 0.05)
+    loss_model = LossModel(model, "causal-lm").train()
+    ids = torch.tensor([r["input_ids"][:5] for r in ROWS])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = loss_model(**batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    cached_loss, cached = grads()
+    calls = _count_projections(monkeypatch)
+    monkeypatch.setattr(_Projector, "fill", lambda self, *a: None)  # every weight read projects its own group
+    plain_loss, plain = grads()
+    assert len(calls) > len(proj.groups)  # the uncached run really recomputed per read
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=0, atol=1e-6)
+    assert cached.keys() == plain.keys() and cached
+    for k in cached:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-5, atol=1e-7)
