@@ -98,28 +98,51 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 def merge_adapter(path: str | Path, output: str | Path, base: str | None = None, dtype: str | None = None,
                   force: bool = False, overwrite: bool = False, verify: bool | None = None, in_memory: bool = False,
-                  progress=None) -> dict:
+                  progress=None, partial: bool = False) -> dict:
     """Merge `path` into its base and write the model to `output` (atomically: a temp directory renamed
     at the end, removed on any failure). Streams shard by shard (streaming.py) when every part of the
     adapter has a per-tensor merge and the base is safetensors on disk; otherwise, or with
     `in_memory`, loads the model and merges with the method's own `merge`. `verify` (None: when the
-    model fits in memory) compares logits of the unmerged adapter and the written model."""
+    model fits in memory) compares logits of the unmerged adapter and the written model. A method that
+    cannot be folded in is refused before anything is loaded or written; `partial` merges a hybrid's
+    mergeable parts and writes the rest as an adapter for the merged model (_merge_partial)."""
     from peftcli import streaming
 
     output = Path(output)
+    method = adapter_io.method_for(adapter_io.read_adapter(path))
+    if not method.mergeable and not (partial and hasattr(method, "mergeable_parts")):
+        raise UserError(method.merge_refusal())
     if output.exists() and any(output.iterdir() if output.is_dir() else [output]) and not overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another directory")
     t0 = time.perf_counter()
+    if not method.mergeable:
+        res = _merge_partial(path, output, base, dtype, force, verify)
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        return res
     plan: streaming.Plan | str = "--in-memory"
+    prefill = tmp = created = None
     if not in_memory:
         adapter = adapter_io.read_adapter(path)
-        plan = streaming.plan_merge(adapter, base_model_cfg(adapter, base, dtype), force)
+        cfg = base_model_cfg(adapter, base, dtype)
+        tmp, created = _make_tmp(output)
+        try:
+            prefill = streaming.start_prefill(adapter, cfg, tmp)  # copies the base while the plan is made
+            plan = streaming.plan_merge(adapter, cfg, force)
+        except BaseException:
+            if prefill is not None:
+                prefill.cancel()
+            _cleanup(tmp, created)
+            raise
     t_plan = time.perf_counter() - t0
     if isinstance(plan, str):
+        if tmp is not None:
+            if prefill is not None:
+                prefill.cancel()
+            _cleanup(tmp, created)
         res = _merge_in_memory(path, output, base, dtype, force, verify)
         res.update(path="in-memory", in_memory_reason=plan)
     else:
-        res = _merge_streaming(plan, path, output, base, dtype, force, verify, progress)
+        res = _merge_streaming(plan, path, output, base, dtype, force, verify, progress, tmp, created, prefill)
         res["phase_seconds"]["plan"] = round(t_plan, 2)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
@@ -166,7 +189,8 @@ def _publish(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
-def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progress) -> dict:
+def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progress, tmp: Path, created: Path | None,
+                     prefill) -> dict:
     import gc
 
     from peftcli import streaming
@@ -176,19 +200,17 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
     do_verify = fits if verify is None else verify
     before = None
     phases, t = {}, time.perf_counter()
-    if do_verify:  # the unmerged adapter's logits, from the model in memory, freed before the merge
-        a = load_adapted(path, base, dtype, force)
-        tok = a.loaded.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        before = probe_logits(a.loaded.model, tok)
-        del a
-        gc.collect()
-    tmp, created = _make_tmp(output)
     try:
-        if do_verify:
+        if do_verify:  # the unmerged adapter's logits, from the model in memory, freed before the merge
+            a = load_adapted(path, base, dtype, force)
+            tok = a.loaded.tokenizer
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            before = probe_logits(a.loaded.model, tok)
+            del a
+            gc.collect()
             phases["verify_load"], t = round(time.perf_counter() - t, 2), time.perf_counter()
-        facts = streaming.write_merged(plan, tmp, progress)
+        facts = streaming.write_merged(plan, tmp, progress, prefill)
         phases["write"], t = round(time.perf_counter() - t, 2), time.perf_counter()
         max_diff = tol = None
         if do_verify:
@@ -202,6 +224,8 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
             phases["verify_reload"] = round(time.perf_counter() - t, 2)
         _publish(tmp, output)
     except BaseException:
+        if prefill is not None:
+            prefill.cancel()
         _cleanup(tmp, created)
         raise
     res = {"output": str(output), "method": plan.method, "dtype": plan.dtype, "max_abs_diff": max_diff, "tolerance": tol,
@@ -233,13 +257,7 @@ def _merge_in_memory(path, output: Path, base, dtype, force, verify) -> dict:
     tmp, created = _make_tmp(output)
     max_diff = tol = None
     try:
-        _untie_if_changed(model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        for f in tmp.glob("*.safetensors"):
-            align_safetensors(f)
-        tok.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and a.task == "causal-lm":
-            model.generation_config.save_pretrained(tmp)
+        _save_model(model, tok, tmp, a.task)
         del model, a.loaded.model
         if do_verify:
             reloaded = model_class_for(a.task).from_pretrained(tmp, dtype=DTYPES.get(a.dtype, torch.float32)).eval()
@@ -251,6 +269,78 @@ def _merge_in_memory(path, output: Path, base, dtype, force, verify) -> dict:
         raise
     return {"output": str(output), "method": a.method.name, "dtype": a.dtype, "max_abs_diff": max_diff,
             "tolerance": tol, "verified": do_verify, **({} if do_verify else {"verify_skipped": "--no-verify"})}
+
+
+def _save_model(model, tok, directory: Path, task: str) -> None:
+    """A merged model as transformers reads it: weights (aligned), tokenizer, generation config."""
+    _untie_if_changed(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    for f in directory.glob("*.safetensors"):
+        align_safetensors(f)
+    tok.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and task == "causal-lm":
+        model.generation_config.save_pretrained(directory)
+
+
+REMAINING = "adapter"  # merge --partial: the parts left unmerged, an adapter directory inside the merged model
+
+
+def _merge_partial(path, output: Path, base, dtype, force, verify) -> dict:
+    """A hybrid's mergeable parts folded into a fresh base, written as a model; the other parts written as
+    an adapter directory for that merged model (<output>/adapter). The proof: the merged model reloaded
+    from disk with that adapter applied gives the full hybrid's logits, or nothing is written."""
+    from peftcli.models import fingerprint, load_model
+
+    a = load_adapted(path, base, dtype, force)
+    hybrid, cfg = a.method, base_model_cfg(a.adapter, base, dtype)
+    keep, rest = hybrid.mergeable_parts()
+    if not keep:
+        raise UserError(hybrid.merge_refusal())
+    do_verify = verify is not False
+    tok = a.loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    before = probe_logits(a.loaded.model, tok) if do_verify else None
+    del a.loaded.model
+    tensors = adapter_io.load_tensors(a.adapter)
+    meta_base = (a.adapter.meta or {}).get("base", {})
+    labels = meta_base.get("label_names")
+
+    loaded = load_model(cfg, label_names=labels)  # the mergeable parts alone, on a fresh base, merged
+    merged = hybrid.subset(keep)
+    merged.apply(loaded.model, cfg.task, also_save=meta_base.get("new_modules", loaded.new_modules))
+    merged.load_state_dict(loaded.model, hybrid.part_state(tensors, keep))
+    _untie_merged(loaded.model, merged)
+    merged.merge(loaded.model)
+    if layout(loaded.model) != a.base_layout:
+        raise RuntimeError("merge left the model's layout changed")  # a method bug, not a user error
+    tmp, created = _make_tmp(output)
+    max_diff = tol = None
+    try:
+        _save_model(loaded.model, tok, tmp, cfg.task)
+        del loaded
+        # the rest, on the merged model as written (what a user loads), checked against the full hybrid
+        again = load_model(ModelCfg(name_or_path=str(tmp), task=cfg.task, dtype=cfg.dtype), label_names=labels)
+        fp = fingerprint(again.model)
+        remaining = hybrid.subset(rest)
+        remaining.apply(again.model, cfg.task)
+        remaining.load_state_dict(again.model, hybrid.part_state(tensors, rest))
+        again.model.eval()
+        if do_verify:
+            max_diff, tol = _compare(before, probe_logits(again.model, tok), cfg.dtype)
+        names = {"merged": [f"{hybrid.part_key(i)} ({hybrid.parts[i].name})" for i in keep],
+                 "remaining": [f"{hybrid.part_key(i)} ({hybrid.parts[i].name})" for i in rest]}
+        meta = {"base": {"name_or_path": str(output.resolve()), "task": cfg.task, "dtype": cfg.dtype, "fingerprint": fp,
+                         "label_names": labels, "new_modules": []},
+                "partial_merge": {"adapter": str(Path(path).resolve()), **names}}
+        adapter_io.write_adapter(tmp / REMAINING, remaining, again.model, meta)
+        _publish(tmp, output)
+    except BaseException:
+        _cleanup(tmp, created)
+        raise
+    return {"output": str(output), "method": hybrid.name, "dtype": cfg.dtype, "max_abs_diff": max_diff, "tolerance": tol,
+            "verified": do_verify, "path": "in-memory", **names, "remaining_adapter": str(output / REMAINING),
+            **({} if do_verify else {"verify_skipped": "--no-verify"})}
 
 
 def align_safetensors(path: Path, align: int = 64) -> None:

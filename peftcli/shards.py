@@ -226,6 +226,38 @@ class _Inline:
         pass
 
 
+CHUNK = 64 << 20  # bytes per copy call: a cancelled copy stops within one chunk
+
+
+class Cancelled(Exception):
+    """A background copy was told to stop."""
+
+
+def copy_range(src_fd: int, dst_fd: int, begin: int, end: int, dst_begin: int | None = None, stop=None) -> None:
+    """Bytes [begin, end) of `src_fd` to `dst_fd` at `dst_begin` (default: the same offsets), in the
+    kernel (copy_file_range: no trip through user space, as cp does) where it can, else pread/pwrite.
+    Positional: neither file's offset moves. `stop` (a threading.Event) cancels between chunks."""
+    src, dst = begin, begin if dst_begin is None else dst_begin
+    kernel = hasattr(os, "copy_file_range")
+    while src < end:
+        if stop is not None and stop.is_set():
+            raise Cancelled
+        n = min(end - src, CHUNK)
+        k = 0
+        if kernel:
+            try:
+                k = os.copy_file_range(src_fd, dst_fd, n, src, dst)
+            except OSError:  # EXDEV on old kernels, a filesystem without it: plain reads and writes
+                kernel = False
+        if k <= 0:
+            data = os.pread(src_fd, n, src)
+            if not data:
+                raise OSError(f"unexpected end of file at byte {src}")
+            k = os.pwrite(dst_fd, data, dst)
+        src += k
+        dst += k
+
+
 class ShardWriter:
     """Writes one safetensors file: header first, then each tensor in `order` as it is produced. The
     writes run on `pipe` (a WritePipe overlaps them with the caller's work), each followed by a hint
@@ -277,22 +309,11 @@ class ShardWriter:
 
     def _copy(self, src: MappedFile, src_name: str) -> None:
         info = src.tensors[src_name]
-        offset, left, start = info.begin, info.nbytes, self._pos
-        if hasattr(os, "copy_file_range"):
-            try:
-                while left:
-                    n = os.copy_file_range(src.fileno(), self._f.fileno(), left, offset)
-                    if n == 0:
-                        break
-                    offset += n
-                    left -= n
-                    self._pos += n
-            except OSError:
-                pass  # e.g. EXDEV on old kernels: a plain write below
+        start = self._pos
+        copy_range(src.fileno(), self._f.fileno(), info.begin, info.end, start)
+        self._pos += info.nbytes
+        self._f.seek(self._pos)
         self._writeback(start)
-        if left:
-            self._write(src.view_bytes(src_name)[offset - info.begin:])
-            src.release(src_name)
 
     def finish(self) -> None:
         if self._next != len(self.order):

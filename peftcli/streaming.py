@@ -27,7 +27,7 @@ import torch
 
 from peftcli import adapter_io
 from peftcli.errors import UserError, one_line
-from peftcli.shards import MappedFile, OutEntry, ShardWriter, TensorInfo, read_header
+from peftcli.shards import ALIGN, MappedFile, OutEntry, ShardWriter, TensorInfo, read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -513,23 +513,35 @@ def files_fingerprint(files: BaseFiles, sd: dict, source: dict[str, str], dtype:
 
 # ---------------------------------------------------------------- execution
 
-def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
+def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None] | None = None,
+                 prefill: Prefill | None = None) -> dict:
     """Write the merged shards, the index (sharded bases), config, generation config and tokenizer into
-    `out` (an empty temp directory; the caller renames it). Returns facts for the report."""
+    `out` (an empty temp directory, or the one `prefill` copies into; the caller renames it). Returns
+    facts for the report."""
     from peftcli.shards import WritePipe
 
     files = plan.files
     total = len(plan.shards)
+    patch = prefill is not None and prefill.fits(plan)
+    if prefill is not None and not patch:
+        prefill.cancel(remove=True)  # another layout (dtype change, untied head, new modules): written afresh
     pipe = WritePipe()  # writes and fsyncs overlap the next tensors' merge arithmetic
     writers: list[ShardWriter] = []
     try:
+        if patch:
+            prefill.join()
         for i, (fname, jobs) in enumerate(plan.shards.items(), 1):
             if progress:
                 progress(fname, i, total)
-            _write_shard(files, fname, jobs, out / fname, pipe, writers)
+            if patch:
+                _patch_shard(files, fname, jobs, out / fname, pipe, prefill.copied[fname], prefill.shift[fname])
+            else:
+                _write_shard(files, fname, jobs, out / fname, pipe, writers)
         pipe.close()
     except BaseException:
         pipe.close(raise_errors=False)
+        if prefill is not None:
+            prefill.cancel()
         for w in writers:
             w.abort()
         raise
@@ -548,7 +560,14 @@ def write_merged(plan: Plan, out: Path, progress: Callable[[str, int, int], None
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"shards": total, "bytes": plan.total_bytes, "untied": plan.untied}
+    return {"shards": total, "bytes": plan.total_bytes, "untied": plan.untied,
+            "layout": "base layout, unchanged tensors copied while planning" if patch else "rewritten"}
+
+
+def _merged(j: Job, src: MappedFile | None) -> torch.Tensor:
+    """The output value of a replaced or modified tensor."""
+    w = j.replace.to(j.dtype) if j.replace is not None else src.get(j.key).to(j.dtype)
+    return j.modify(w) if j.modify is not None else w
 
 
 def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path, pipe, writers: list) -> None:
@@ -562,14 +581,164 @@ def _write_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path, pipe
             if j.replace is None and j.modify is None and src.tensors[j.key].dtype == j.dtype:
                 writer.copy_from(j.name, src, j.key)
                 continue
-            w = j.replace.to(j.dtype) if j.replace is not None else src.get(j.key).to(j.dtype)
-            if j.modify is not None:
-                w = j.modify(w)
-            writer.write_tensor(j.name, w)
-            del w
+            writer.write_tensor(j.name, _merged(j, src))
             if j.key is not None and j.replace is None:
                 src.release(j.key)
         writer.finish()
     finally:
         if src is not None:
             pipe.put(src.close)  # after the pipe's pending copies from it
+
+
+# ---------------------------------------------------------------- copying while planning
+
+class Prefill:
+    """Most of a merge's output is the base's bytes unchanged, and most of its fixed cost is planning
+    (importing transformers, building the skeleton, the fingerprint). So as soon as the base's files
+    and the adapter's tensor names are known, a thread copies every shard into the output directory in
+    the kernel, header and layout unchanged, leaving holes where the adapter's modules' tensors go. If
+    the plan keeps the base's layout (same tensors, names and dtypes in each file), the merge then only
+    writes the merged tensors into their holes (`_patch_shard`); otherwise the copies are deleted and
+    the shards are written afresh. The guess only decides what is copied early: whatever the plan says
+    is unchanged but was not copied is copied then, so a wrong guess costs time, never correctness.
+    The header is copied verbatim but padded with spaces so the data starts 64-byte aligned, as the
+    fresh writer lays it out (tensor offsets are relative to the data section)."""
+
+    def __init__(self, files: BaseFiles, out: Path, skip: set[str]):
+        import threading
+
+        self.files, self.out = files, out
+        self.copied: dict[str, set[str]] = {f: set() for f in files.headers}
+        self.shift: dict[str, int] = dict.fromkeys(files.headers, 0)  # output offset - base offset
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(skip,), name="prefill", daemon=True)
+        self._thread.start()
+
+    def _run(self, skip: set[str]) -> None:
+        from peftcli.shards import Cancelled, copy_range
+
+        try:
+            for fname, tensors in self.files.headers.items():
+                runs = _runs([(info.begin, info.end, name) for name, info in tensors.items() if name not in skip])
+                with open(self.files.dir / fname, "rb") as src, open(self.out / fname, "wb") as dst:
+                    size = os.fstat(src.fileno()).st_size
+                    n = int.from_bytes(src.read(8), "little")
+                    shift = self.shift[fname] = -(8 + n) % ALIGN  # the header padded: data 64-byte aligned
+                    dst.write((n + shift).to_bytes(8, "little") + src.read(n) + b" " * shift)
+                    os.ftruncate(dst.fileno(), size + shift)  # the holes read as zeros until patched
+                    for begin, end, names in runs:
+                        copy_range(src.fileno(), dst.fileno(), begin, end, begin + shift, stop=self._stop)
+                        self.copied[fname].update(names)
+        except Cancelled:
+            pass
+        except BaseException as exc:  # reported by join()
+            self._error = exc
+
+    def fits(self, plan: Plan) -> bool:
+        """Whether the plan writes each base file with its own tensors, names, shapes and dtypes."""
+        if set(plan.shards) != set(self.files.headers):
+            return False
+        for fname, jobs in plan.shards.items():
+            header = self.files.headers[fname]
+            if len(jobs) != len(header):
+                return False
+            for j in jobs:
+                info = header.get(j.name)
+                if info is None or j.key != j.name or j.file != fname or info.dtype != j.dtype or info.shape != j.shape:
+                    return False
+        return True
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self, remove: bool = False) -> None:
+        self._stop.set()
+        self._thread.join()
+        if remove:
+            for fname in self.files.headers:
+                (self.out / fname).unlink(missing_ok=True)
+
+
+def _runs(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, list[str]]]:
+    """Adjacent byte ranges joined: one copy call per run of unchanged tensors."""
+    out: list[tuple[int, int, list[str]]] = []
+    for b, e, name in sorted(spans):
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], e, out[-1][2] + [name])
+        else:
+            out.append((b, e, [name]))
+    return out
+
+
+def start_prefill(adapter: adapter_io.AdapterDir, cfg, out: Path) -> Prefill | None:
+    """The early copy for a merge of `adapter` into `cfg`'s base, or None where it cannot apply (no
+    local safetensors base, a method without a per-tensor merge, an output dtype other than the
+    files', a legacy .bin adapter). Skips the base tensors of every module the adapter stores tensors
+    for (its targets and modules_to_save)."""
+    from peftcli.shards import read_header
+
+    name = adapter.options.name if adapter.options is not None else None
+    if name not in STREAMABLE or adapter.weights.name != adapter_io.WEIGHTS:
+        return None
+    model_dir = local_model_dir(cfg)
+    if isinstance(model_dir, str) or (files := base_files(model_dir)) is None:
+        return None
+    want = DTYPES.get(cfg.dtype)
+    if want is None and cfg.dtype == "auto":
+        try:
+            conf = json.loads((model_dir / "config.json").read_text())
+            want = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype")), None)
+        except (OSError, ValueError):
+            return None
+    floats = {i.dtype for h in files.headers.values() for i in h.values() if i.dtype.is_floating_point}
+    if want is not None and floats - {want}:
+        return None
+    return Prefill(files, out, _guess_changed(read_header(adapter.weights)[0], files))
+
+
+def _guess_changed(adapter_keys, files: BaseFiles) -> set[str]:
+    """Base tensors the merge probably rewrites: those whose module is a module of the adapter or
+    contains one (the `q_proj` of `q_proj.lora_A.weight`, the `q_proj` of BitFit's `q_proj.bias`)."""
+    from peftcli.methods.base import PREFIX
+
+    owners = set()
+    for k in adapter_keys:
+        parts = k.removeprefix(PREFIX).split(".")
+        owners.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return {n for n in files.where if n.rpartition(".")[0] in owners}
+
+
+def _patch_shard(files: BaseFiles, fname: str, jobs: list[Job], path: Path, pipe, copied: set[str], shift: int) -> None:
+    """Write the merged tensors of one prefilled shard into their own byte ranges, copy what the
+    prefill left out but the plan leaves unchanged, then fsync (on the pipe, after the writes)."""
+    from peftcli.shards import copy_range
+
+    header = files.headers[fname]
+    src = MappedFile(files.dir / fname, header)
+    fd = os.open(path, os.O_WRONLY)
+
+    def write_at(data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def close() -> None:
+        os.fsync(fd)
+        os.close(fd)
+        src.close()
+
+    try:
+        for j in sorted(jobs, key=lambda j: header[j.key].begin):
+            info = header[j.key]
+            if j.replace is not None or j.modify is not None:
+                data = _merged(j, src).contiguous().reshape(-1).view(torch.uint8).numpy()
+                pipe.put(functools.partial(write_at, data, info.begin + shift))
+                src.release(j.key)
+            elif j.key not in copied:
+                pipe.put(functools.partial(copy_range, src.fileno(), fd, info.begin, info.end, info.begin + shift))
+    finally:
+        pipe.put(close)

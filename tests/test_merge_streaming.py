@@ -172,6 +172,7 @@ def test_merge_into_a_tied_head_unties_the_output(tmp_path):
                            model=AutoModelForCausalLM.from_pretrained(base))
     res = merge_adapter(adapter, tmp_path / "s")
     assert res["path"] == "streaming" and res["verified"] and res["untied"] == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert res["layout"] == "rewritten"  # an extra tensor (lm_head.weight): the early copy was discarded
     assert json.loads((tmp_path / "s" / "config.json").read_text())["tie_word_embeddings"] is False
     out = tensors(tmp_path / "s")
     assert torch.equal(out["model.embed_tokens.weight"], tensors(base)["model.embed_tokens.weight"])  # the embedding kept
@@ -294,3 +295,39 @@ def test_a_failure_mid_write_leaves_nothing(tmp_path, sharded, monkeypatch):
         merge_adapter(sharded["adapter"], tmp_path / "new" / "dir" / "merged", verify=False)
     assert len(calls) > 3
     assert_nothing_left(tmp_path, before)
+
+
+@pytest.mark.parametrize("guess", ["adapter", "nothing", "everything"])
+def test_copy_while_planning_keeps_the_output_exact_whatever_it_guessed(tmp_path, monkeypatch, guess):
+    """The base is copied into the output while the merge plans, leaving out the tensors the adapter's
+    modules probably change; the plan then patches those in. A wrong guess (copy what the merge changes,
+    or copy nothing) must cost time only: the output stays bit-identical to the in-memory merge."""
+    base = save_base(tmp_path / "base", "llama", max_shard_size="600KB")
+    adapter = make_adapter(tmp_path / "adapter", base, "llama", {"name": "lora", "r": 4, "alpha": 8,
+                                                                  "target_modules": ["q_proj", "v_proj"]})
+    real = streaming._guess_changed
+    seen = {}
+
+    def spy(keys, files):
+        changed = real(keys, files)
+        seen["adapter"] = changed
+        return {"adapter": changed, "nothing": set(), "everything": set(files.where)}[guess]
+
+    monkeypatch.setattr(streaming, "_guess_changed", spy)
+    res = merge_adapter(adapter, tmp_path / "s", verify=False)
+    assert res["path"] == "streaming" and res["layout"].startswith("base layout"), res
+    # the guess for a q,v LoRA is exactly the q and v weights
+    assert seen["adapter"] == {n for n in streaming.base_files(base).where if n.endswith(("q_proj.weight", "v_proj.weight"))}
+    merge_adapter(adapter, tmp_path / "m", in_memory=True)
+    assert_bit_identical(tmp_path / "s", tmp_path / "m")
+    for f in (tmp_path / "s").glob("*.safetensors"):  # aligned although the base's header is not
+        with f.open("rb") as fh:
+            assert (8 + int.from_bytes(fh.read(8), "little")) % 64 == 0
+
+
+def test_no_early_copy_when_the_output_dtype_differs(tmp_path, bases, monkeypatch):
+    adapter = make_adapter(tmp_path / "adapter", bases["llama"], "llama", {"name": "lora", "r": 4, "alpha": 8})
+    started = []
+    monkeypatch.setattr(streaming.Prefill, "_run", lambda self, skip: started.append(1))
+    res = merge_adapter(adapter, tmp_path / "s", dtype="bfloat16", verify=False)  # fp32 base -> bf16 files
+    assert res["layout"] == "rewritten" and not started
