@@ -25,10 +25,10 @@ LEGACY_WEIGHTS = "adapter_model.bin"  # torch.save of the same dict, written by 
 CONFIG = "adapter_config.json"
 META = "peftcli.json"
 RECIPE = "recipe.yaml"
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
-# HF PEFT peft_type -> peftcli method, for adapters written by other tools
-FOREIGN = {"LORA": lambda c: "dora" if c.get("use_dora") else "lora", "IA3": lambda c: "ia3", "ADALORA": lambda c: "adalora"}
-# HF PEFT methods with no peftcli counterpart yet: named in the error instead of a bare "not supported"
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+# Which method reads an HF PEFT peft_type, and which peft_types load in HF PEFT, come from the registry
+# (Method.peft_type / peft_types / reads_peft_config). HF PEFT methods that no registered method reads
+# are named in the error instead of a bare "not supported":
 NOT_YET = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning",
            "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
 
@@ -120,30 +120,28 @@ def write_adapter(directory: Path, method, model, meta: dict, recipe_yaml: str |
     tensors = adapter_tensors(method, model) if tensors is None else tensors
     base = meta.get("base", {})
     config = peft_config(method, model, base.get("name_or_path"), base.get("task", "causal-lm"), base.get("gguf_file"))
-    saved_opts = method.saved_options() if hasattr(method, "saved_options") else method.opts
-    meta = {**meta, "peftcli_version": __version__, "method": saved_opts.model_dump(mode="json"),
+    meta = {**meta, "peftcli_version": __version__, "method": method.saved_options().model_dump(mode="json"),
             "saved_modules": method.saved_modules, "describe": method.describe(model)}
     atomic_write(directory / WEIGHTS, save(tensors, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     atomic_write(directory / META, json.dumps(meta, indent=2) + "\n")
     if recipe_yaml is not None:
         atomic_write(directory / RECIPE, recipe_yaml)
-    atomic_write(directory / "README.md", _model_card(config, meta))
+    atomic_write(directory / "README.md", _model_card(config, meta, recipe_yaml, directory, method.mergeable))
 
 
-def _model_card(config: dict, meta: dict) -> str:
-    base = config.get("base_model_name_or_path")
-    m = meta.get("metrics") or {}
-    lines = [
-        "---", f"base_model: {base}", "library_name: peft", "tags: [peftcli]", "---", "",
-        f"# {meta.get('method', {}).get('name', 'adapter')} adapter for {base}", "",
-        f"Trained with peftcli {meta.get('peftcli_version')}. Load with `peft.PeftModel.from_pretrained(base, this_dir)`"
-        if config.get("peft_type") in ("LORA", "IA3", "ADALORA") else
-        "This adapter uses a peftcli-only layout: fold it into the base with `peftcli merge`.", "",
-    ]
-    if m:
-        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()] + [""]
-    return "\n".join(lines)
+def loads_in_peft(peft_type) -> bool:
+    """Whether an adapter_config.json's peft_type is HF PEFT's own layout (written by a registered method)."""
+    from peftcli.methods import peft_types_written
+
+    return peft_type in peft_types_written()
+
+
+def _model_card(config: dict, meta: dict, recipe_yaml: str | None = None, directory: Path | None = None,
+                mergeable: bool = True) -> str:
+    from peftcli.report import model_card  # the run report's card: data, trainable %, metrics, how to load
+
+    return model_card(config, meta, recipe_yaml, directory, peft_loads=loads_in_peft(config.get("peft_type")), mergeable=mergeable)
 
 
 @dataclass
@@ -189,7 +187,7 @@ class _MetaBase(BaseModel):
     model_config = ConfigDict(extra="allow")
     name_or_path: str = Field(min_length=1)
     gguf_file: str | None = None
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    task: Literal["causal-lm", "seq-cls", "seq2seq"] = "causal-lm"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     fingerprint: str | None = None
     label_names: list[str] | None = None
@@ -217,7 +215,7 @@ def _check_options(file: Path, options_cls, data: dict, prefix: tuple, fix: str)
 def adapter_options(path: Path, config: dict, meta: dict | None):
     """The validated method options of an adapter directory: from peftcli.json, or for an adapter written
     by another tool from adapter_config.json. Any problem is a UserError naming the file and the key."""
-    from peftcli.methods import available_methods, get_method
+    from peftcli.methods import available_methods, get_method, method_for_peft_config, peft_types_read
 
     if meta is not None:
         file, fix = path / META, "fix peftcli.json (or restore it from the run directory) or re-train"
@@ -230,13 +228,15 @@ def adapter_options(path: Path, config: dict, meta: dict | None):
         return _check_options(file, get_method(name).Options, meta["method"], ("method",), fix)
     file = path / CONFIG
     peft_type = config.get("peft_type")
-    if peft_type in NOT_YET:
+    cls = method_for_peft_config(config)
+    supported = ", ".join(peft_types_read())
+    if cls is None and peft_type in NOT_YET:
         raise UserError(f"{file}: {NOT_YET[peft_type]} ({peft_type}) adapters are not supported: peftcli has no "
-                        f"{NOT_YET[peft_type]} method yet (supported peft_type: {', '.join(FOREIGN)})")
-    if peft_type not in FOREIGN:
+                        f"{NOT_YET[peft_type]} method yet (supported peft_type: {supported})")
+    if cls is None:
         raise UserError(f"{file}: peft_type {one_line(repr(peft_type), 80)} is not supported "
-                        f"(supported: {', '.join(FOREIGN)}) and the directory has no {META}")
-    name = FOREIGN[peft_type](config)
+                        f"(supported: {supported}) and the directory has no {META}")
+    name = cls.name
     fix = "fix the file or re-export the adapter"
     try:
         return get_method(name).from_adapter_config(config)
@@ -321,16 +321,18 @@ def load_tensors(adapter: AdapterDir) -> dict[str, torch.Tensor]:
                         "re-export the adapter or re-train") from None
 
 
-# options that shape only the training run, not the stored tensors or the function they compute
-_TRAINING_ONLY = {"name", "init_from", "dropout", "freeze_a", "modules_to_save", "target_modules", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-                  "orth_reg_weight", "feedforward_modules", "r", "alpha", "rank_pattern", "alpha_pattern"}
+# options that shape only the training run, not the stored tensors or the function they compute (a method
+# adds its own in Method.training_only); which modules are adapted is checked tensor by tensor
+_TRAINING_ONLY = {"name", "init_from", "dropout", "modules_to_save", "target_modules", "exclude_modules",
+                  "layers_to_transform", "layers_pattern"}
 
 
 def continue_from(method, model, path: str | Path, fingerprint: str | None = None) -> AdapterDir:
     """`method.init_from`: put an adapter directory's tensors (peftcli's or HF PEFT's) into `method`, just
     applied to `model`. The adapter's method and the options that define its function must be the recipe's;
     which modules it covers is checked tensor by tensor. Any mismatch is a one-line UserError."""
+    from peftcli.methods import build_method
+
     where = f"method.init_from: {path}"
     try:
         adapter = read_adapter(path)
@@ -340,38 +342,14 @@ def continue_from(method, model, path: str | Path, fingerprint: str | None = Non
     if theirs.name != mine.name:
         raise UserError(f"{where} holds a {theirs.name} adapter, the recipe trains {mine.name}; set method.name: {theirs.name} "
                         "or drop method.init_from")
-    if getattr(mine, "init", "default") == "pissa":
-        raise UserError(f"{where}: PiSSA replaces the base weights by a residual at init, so it cannot start from an adapter; "
-                        "continue it as a plain LoRA (method.init: default with the adapter's r and alpha)")
+    problem = method.check_continuation(build_method(theirs), model)  # per-module checks of the method's own
+    if problem:
+        raise UserError(f"{where}: {problem}")
     a, b = theirs.model_dump(mode="json"), mine.model_dump(mode="json")
-    if "init_r" not in b:  # LoRA, DoRA: r and alpha per module (rank_pattern / alpha_pattern), as the modules got them
-        a["r"], b["r"], a["alpha"], b["alpha"] = theirs.r, mine.r, theirs.alpha, mine.alpha
     for key in sorted(set(a) | set(b)):
-        if key not in _TRAINING_ONLY and a.get(key) != b.get(key):
+        if key not in _TRAINING_ONLY | method.training_only and a.get(key) != b.get(key):
             raise UserError(f"{where}: the adapter has method.{key}={one_line(repr(a.get(key)), 80)}, the recipe "
                             f"{one_line(repr(b.get(key)), 80)}; make them equal to continue training it")
-    other = None
-    if hasattr(method, "module_r_alpha") and "init_r" not in b:
-        from peftcli.methods import build_method
-
-        other = build_method(theirs)
-        for p in method.wrapped:
-            if other.module_r_alpha(p) != method.module_r_alpha(p):
-                (r1, a1), (r2, a2) = other.module_r_alpha(p), method.module_r_alpha(p)
-                raise UserError(f"{where}: module {p} has r={r1}, alpha={a1} in the adapter, r={r2}, alpha={a2} in the recipe "
-                                "(method.r/alpha/rank_pattern/alpha_pattern); make them equal to continue training it")
-    if hasattr(method, "feedforward"):  # IA3: which modules scale their input rather than their output
-        from peftcli.methods.ia3 import DEFAULT_IA3_FEEDFORWARD
-        from peftcli.methods.targets import matches
-
-        spec = theirs.feedforward_modules
-        if spec is None:
-            spec = DEFAULT_IA3_FEEDFORWARD.get(getattr(getattr(model, "config", None), "model_type", None), [])
-        ff = [p for p in method.wrapped if matches(p, spec)]
-        if ff != method.feedforward:
-            diff = sorted(set(ff) ^ set(method.feedforward))
-            raise UserError(f"{where}: method.feedforward_modules differ: {diff[0]} is feed-forward in "
-                            f"{'the adapter' if diff[0] in ff else 'the recipe'} only; make them equal to continue training it")
     expected = ((adapter.meta or {}).get("base") or {}).get("fingerprint")
     if expected and fingerprint and expected != fingerprint:
         raise UserError(f"{where} was trained on another base (weights fingerprint {expected} != {fingerprint}); "

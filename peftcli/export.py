@@ -14,7 +14,7 @@ from peftcli.errors import UserError
 def export_peft(adapter_path: str | Path, output: str | Path, overwrite: bool = False) -> dict:
     adapter = adapter_io.read_adapter(adapter_path)
     peft_type = adapter.config.get("peft_type")
-    if peft_type not in adapter_io.FOREIGN:
+    if not adapter_io.loads_in_peft(peft_type):
         raise UserError(f"{adapter.path}: a {peft_type} adapter has no HF PEFT layout; use `peftcli export --format merged`")
     output = Path(output)
     if output.exists() and not overwrite:

@@ -432,8 +432,9 @@ def foreign(adapter: Path, **changes) -> None:
     ({"r": None}, ["missing required field 'r'", "LORA"]),
     ({"r": "big"}, ["r:", "'big'"]),
     ({"lora_dropout": 2}, [": lora_dropout: ", "(got 2)"]),
-    ({"peft_type": "PREFIX_TUNING"}, ["prefix tuning (PREFIX_TUNING) adapters are not supported", "LORA, IA3, ADALORA"]),
-    ({"peft_type": "VERA"}, ["peft_type 'VERA' is not supported (supported: LORA, IA3, ADALORA)"]),
+    ({"peft_type": "MULTITASK_PROMPT_TUNING"}, ["multitask prompt tuning (MULTITASK_PROMPT_TUNING) adapters are not supported",
+                                               "ADALORA, IA3, LORA"]),
+    ({"peft_type": "VERA"}, ["peft_type 'VERA' is not supported (supported: ADALORA, IA3, LORA"]),
     ({"peft_type": None}, ["peft_type None is not supported"]),
 ])
 @pytest.mark.parametrize("command", ["inspect", "merge", "export-peft"])

@@ -39,9 +39,8 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions
-from peftcli.methods.lora import LoRA, TargetSpec, _adapter_dtype
-from peftcli.methods.targets import linear_shape
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec
+from peftcli.methods.lora import LoRA
 
 
 class AdaLoraOptions(MethodOptions):
@@ -70,11 +69,8 @@ class AdaLoraOptions(MethodOptions):
 
 class SVDLinear(AdapterModule):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = linear_shape(base)
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W transposed
-        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base)}
+        super().__init__(base)
+        kw = self.factory_kwargs
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
@@ -183,6 +179,14 @@ class AdaLoRA(LoRA):
     summary = "SVD-form LoRA W + s P diag(E) Q whose ranks are pruned by importance to a target budget"
     Options = AdaLoraOptions
     wrapper_cls = SVDLinear
+    training_only = frozenset({"target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight"})
+
+    @classmethod
+    def reads_peft_config(cls, cfg: dict) -> bool:
+        return cfg.get("peft_type") == "ADALORA"
+
+    def check_continuation(self, other: Method, model: nn.Module) -> str | None:
+        return None  # one rank (init_r) and alpha for every module, compared as options (not LoRA's per-module rule)
 
     def __init__(self, options: AdaLoraOptions):
         super().__init__(options)
@@ -303,7 +307,7 @@ class AdaLoRA(LoRA):
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
         o = self.opts
-        targets, keep_filters = self._peft_targets(model)
+        targets, keep_filters = self.peft_target_spec(model)
         # PEFT refuses a config without a budgeting phase; before training we only know the options
         total = self.total_steps or (o.tinit + o.tfinal + 1)
         # "r" is ignored by PEFT for AdaLoRA and warns unless it is its default 8
@@ -313,7 +317,7 @@ class AdaLoRA(LoRA):
             "exclude_modules": o.exclude_modules if keep_filters else None,
             "layers_to_transform": o.layers_to_transform if keep_filters else None,
             "layers_pattern": o.layers_pattern if keep_filters else None,
-            "bias": "none", "fan_in_fan_out": any(w.fan_in_fan_out for w in self.wrappers(model).values()),
+            "bias": "none", "fan_in_fan_out": self.fan_in_fan_out(model),
             "modules_to_save": self.saved_modules or None, "init_lora_weights": True,
             "init_r": o.init_r, "target_r": o.target_r, "tinit": o.tinit, "tfinal": o.tfinal, "deltaT": o.deltaT,
             "beta1": o.beta1, "beta2": o.beta2, "orth_reg_weight": o.orth_reg_weight, "total_step": total,

@@ -4,7 +4,7 @@ A method's life: `apply(model)` freezes the base and injects its parameters; tra
 `extra_loss` and `on_optimizer_step`; `state_dict` gives the tensors to store (HF PEFT names where a
 PEFT layout exists); `load_state_dict` puts them back; `merge` folds them into the base weights and
 restores the base model's own module types. Methods that wrap modules subclass `AdapterModule`
-and get state_dict / load / merge for free.
+and get state_dict / load / merge for free. What a new method sets and overrides: `Method`'s docstring.
 """
 
 from __future__ import annotations
@@ -16,8 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.methods.targets import is_linear, linear_shape
 
 PREFIX = "base_model.model."  # HF PEFT's key prefix in adapter_model.safetensors
+TargetSpec = str | list[str] | None  # a target option: regex (fullmatch), list (exact/suffix), 'all-linear', null
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """dtype of a method's new tensors for `base`: half-precision bases keep fp32 adapters (small, and
+    numerically safer to train)."""
+    w = getattr(base, "weight", None)
+    dtype = w.dtype if isinstance(w, torch.Tensor) else next(base.parameters()).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class MethodOptions(BaseModel):
@@ -32,9 +42,51 @@ class MethodOptions(BaseModel):
 
 
 class AdapterModule(nn.Module):
-    """A wrapper around one base module; `base_layer` keeps the original (frozen) module."""
+    """A wrapper around one base module; `base_layer` keeps the original (frozen) module.
+
+    `AdapterModule.__init__(self, base)` does the start-up every wrapper shares: `base_layer`, and for a
+    linear base (nn.Linear or GPT-2's Conv1D) `in_features`, `out_features` and `fan_in_fan_out` (Conv1D
+    stores W as (in, out)). Use `factory_kwargs` for new tensors (the base's device, `adapter_dtype`),
+    `base_weight()` / `set_base_weight()` to read and write W in (out, in) layout whatever the storage."""
 
     base_layer: nn.Module
+
+    def __init__(self, base: nn.Module | None = None):
+        super().__init__()
+        if base is None:
+            return
+        self.base_layer = base
+        if is_linear(base):
+            self.in_features, self.out_features = linear_shape(base)
+            self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W transposed
+
+    def __getattr__(self, name: str):
+        # `weight` of a wrapper without its own is the base's, as for HF PEFT's layers: models read it
+        # (T5's feed-forward checks wo.weight.dtype before its last projection)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight" and "base_layer" in self._modules:
+                return self._modules["base_layer"].weight
+            raise
+
+    @property
+    def factory_kwargs(self) -> dict[str, Any]:
+        """device and dtype for the wrapper's own tensors."""
+        base = self.base_layer
+        w = getattr(base, "weight", None)
+        device = w.device if isinstance(w, torch.Tensor) else next(base.parameters()).device
+        return {"device": device, "dtype": adapter_dtype(base)}
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in (out, in) layout (a view: no copy, the base's dtype)."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def set_base_weight(self, w: torch.Tensor) -> None:
+        """Replace the base weight's data by `w` given in (out, in) layout, in the base's dtype and storage layout."""
+        base = self.base_layer
+        base.weight.data = (w.T if self.fan_in_fan_out else w).contiguous().to(base.weight.dtype)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Local name -> parameter, for everything this wrapper stores (trainable or not)."""
@@ -46,12 +98,8 @@ class AdapterModule(nn.Module):
 
     def merged_module(self) -> nn.Module:
         """The base module with this adapter folded into its weights (default: W += delta_weight())."""
-        base = self.base_layer
-        delta = self.delta_weight()
-        if not isinstance(base, nn.Linear):  # GPT-2's Conv1D stores W as (in, out)
-            delta = delta.T
-        base.weight.data = (base.weight.float() + delta).to(base.weight.dtype)
-        return base
+        self.set_base_weight(self.base_weight().float() + self.delta_weight())
+        return self.base_layer
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -73,12 +121,51 @@ def head_module_names(model: nn.Module) -> list[str]:
 
 
 class Method:
+    """One PEFT method. A method is one module in peftcli/methods/ that subclasses this and registers
+    itself with `@register`; nothing outside that module names it (adapter I/O, the model card, export,
+    `peftcli methods` and `inspect` all read the registry and these attributes).
+
+    A new method SETS (class attributes):
+      name        the recipe's `method.name`; also the `name` Literal of its Options
+      family      additive | partial | reparameterized | hybrid | unified (Xu et al. 2023)
+      mergeable   False when `merge` cannot fold it into the base (the default `merge` then refuses)
+      summary     one line for `peftcli methods`
+      Options     a MethodOptions subclass: its fields are the recipe's `method:` keys
+      peft_type   HF PEFT's peft_type when the stored adapter IS HF PEFT's layout (PeftModel loads it);
+                  None for a peftcli-only layout (adapter_config.json then says `name.upper()`)
+      peft_types  the peft_types it reads from adapters written by other tools (default: (peft_type,));
+                  `reads_peft_config(cfg)` picks among methods sharing one (LORA: lora or dora)
+      wrapper_cls the AdapterModule it wraps targets with, for methods that wrap modules
+      default_targets  {model_type: targets} used when `target_modules` is null (None: LoRA's, HF PEFT's)
+      training_only    option names that shape training but not the stored function (init_from may
+                  continue an adapter whose values differ there)
+
+    and OVERRIDES:
+      inject(model)   required unless the default fits: it wraps `target_paths(model)` with `make_wrapper`
+      make_wrapper(base, path)  the wrapper for one target (default: wrapper_cls(base))
+      state_dict / load_state_dict  only when the stored tensors are not the wrappers' own parameters
+      merge           only when merging is more than replacing each wrapper by `merged_module()`
+      adapter_config(model, base)  HF PEFT's fields for a method with a peft_type (default: options dump)
+      from_adapter_config(cfg)  options from another tool's adapter_config.json (methods with peft_types)
+      saved_options() options under which the stored tensors reload (default: the options; PiSSA differs)
+      check_continuation(other, model)  extra per-module checks for `method.init_from` (default: none)
+      describe(model) facts for `inspect` (call super and add)
+      training hooks (optional): extra_loss, before_training, before_optimizer_step, on_optimizer_step,
+                  validate_training, training_state / load_training_state
+    Wrappers subclass AdapterModule, call `super().__init__(base)` and implement `forward` and either
+    `delta_weight()` (W + delta methods) or `merged_module()`.
+    """
+
     name: ClassVar[str]
     family: ClassVar[str]  # additive | partial | reparameterized | hybrid | unified (Xu et al. 2023)
     mergeable: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = None  # HF PEFT's peft_type when the adapter loads there
+    peft_types: ClassVar[tuple[str, ...] | None] = None  # peft_types read from other tools (None: (peft_type,))
     summary: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    wrapper_cls: ClassVar[type[AdapterModule] | None] = None
+    default_targets: ClassVar[dict[str, Any] | None] = None
+    training_only: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: MethodOptions):
         self.opts = options
@@ -106,7 +193,26 @@ class Method:
         return model
 
     def inject(self, model: nn.Module) -> None:
-        raise NotImplementedError
+        """Default: wrap every target module (`target_paths`) with `make_wrapper`."""
+        if self.wrapper_cls is None:
+            raise NotImplementedError(f"{type(self).__name__} must set wrapper_cls or override inject")
+        self.wrapped = self.target_paths(model)
+        for path in self.wrapped:
+            replace_module(model, path, self.make_wrapper(model.get_submodule(path), path))
+
+    def target_paths(self, model: nn.Module) -> list[str]:
+        """Module paths chosen by the usual target options (target_modules, exclude_modules,
+        layers_to_transform, layers_pattern; absent ones count as null), in model order."""
+        from peftcli.methods.targets import resolve_targets
+
+        o = self.opts
+        return resolve_targets(model, getattr(o, "target_modules", None), getattr(o, "exclude_modules", None),
+                               getattr(o, "layers_to_transform", None), getattr(o, "layers_pattern", None),
+                               default_map=self.default_targets)
+
+    def make_wrapper(self, base: nn.Module, path: str = "") -> AdapterModule:
+        """The wrapper for the target `base` at `path`."""
+        return self.wrapper_cls(base)
 
     def check_trainable(self, model: nn.Module) -> None:
         if not any(p.requires_grad for p in model.parameters()):
@@ -177,16 +283,46 @@ class Method:
                     raise UserError(f"adapter tensor {key} has shape {tuple(src.shape)}, the model expects {tuple(target.shape)}")
                 target.copy_(src.to(target.dtype))
 
+    def saved_options(self) -> MethodOptions:
+        """Options under which the stored tensors reload (written to peftcli.json)."""
+        return self.opts
+
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.mergeable:
-            raise UserError(f"method {self.name!r} adds modules that cannot be folded into the base; use `peftcli export --format peft`")
+            raise UserError(self.merge_refusal())
         with torch.no_grad():
             for path, mod in self.wrappers(model).items():
                 replace_module(model, path, mod.merged_module())
         self.wrapped = []
         return model
 
+    def merge_refusal(self) -> str:
+        """Why `merge` refuses a non-mergeable method, and how to deploy it unmerged (one line)."""
+        where = ("`peftcli export --format peft` (HF PEFT loads it)" if self.peft_type
+                 else "the adapter directory with peftcli (its layout is peftcli's own)")
+        return f"method {self.name!r} adds modules that cannot be folded into the base weights; deploy it unmerged: {where}"
+
     # ------------------------------------------------------------- description
+    def fan_in_fan_out(self, model: nn.Module) -> bool:
+        """adapter_config.json's fan_in_fan_out: some wrapped module stores W as (in, out) (Conv1D)."""
+        return any(getattr(w, "fan_in_fan_out", False) for w in self.wrappers(model).values())
+
+    def peft_target_spec(self, model: nn.Module) -> tuple[list[str] | str, bool]:
+        """target_modules for adapter_config.json that selects exactly the wrapped modules under HF PEFT's
+        rules: the short names when they do (readable, PEFT's own style), else an exact regex. The bool:
+        whether the filters (exclude_modules, layers_to_transform, layers_pattern) must be written too."""
+        from peftcli.methods.targets import exact_regex, filter_targets
+
+        short = sorted({p.rsplit(".", 1)[-1] for p in self.wrapped})
+        o = self.opts
+        kind = self.wrapper_cls or AdapterModule
+        cand = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short and (is_linear(m) or isinstance(m, kind))]
+        cand = filter_targets(cand, getattr(o, "exclude_modules", None), getattr(o, "layers_to_transform", None),
+                              getattr(o, "layers_pattern", None))
+        if sorted(cand) == sorted(self.wrapped):
+            return short, True
+        return exact_regex(self.wrapped), False
+
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
         """adapter_config.json content (HF PEFT field names where the method exists there)."""
         return {"peft_type": self.peft_type or self.name.upper(), "base_model_name_or_path": base_name,
@@ -197,6 +333,23 @@ class Method:
         return {"targets": list(self.wrapped), "modules_to_save": list(self.saved_modules)}
 
     @classmethod
+    def reads_peft_types(cls) -> tuple[str, ...]:
+        """The HF PEFT peft_types this method reads from adapters written by other tools."""
+        if cls.peft_types is not None:
+            return cls.peft_types
+        return (cls.peft_type,) if cls.peft_type else ()
+
+    @classmethod
+    def reads_peft_config(cls, cfg: dict) -> bool:
+        """Whether this method reads the foreign adapter_config `cfg` (override where methods share a peft_type)."""
+        return cfg.get("peft_type") in cls.reads_peft_types()
+
+    @classmethod
     def from_adapter_config(cls, cfg: dict) -> MethodOptions:
         """Options from a foreign (HF PEFT) adapter_config.json; methods with a PEFT layout override."""
         raise UserError(f"cannot read a {cfg.get('peft_type')} adapter written by another tool")
+
+    def check_continuation(self, other: Method, model: nn.Module) -> str | None:
+        """`method.init_from`: `other` (built from the adapter's options) has passed the option comparison;
+        return why its tensors would still compute something else on `model` (None: they fit)."""
+        return None

@@ -18,8 +18,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, Method, MethodOptions
-from peftcli.methods.lora import TargetSpec
+from peftcli.methods.base import PREFIX, Method, MethodOptions, TargetSpec
 from peftcli.methods.targets import output_head_names, resolve_targets
 
 

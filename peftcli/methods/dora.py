@@ -40,8 +40,7 @@ class DoraLinear(LoraLinear):
 
     def _base_weight(self) -> torch.Tensor:
         """W in (out, in) layout, in the adapter's dtype."""
-        w = self.base_layer.weight.to(self.lora_A.weight.dtype)
-        return w.T if self.fan_in_fan_out else w
+        return self.base_weight().to(self.lora_A.weight.dtype)
 
     def weight_norm(self, w: torch.Tensor) -> torch.Tensor:
         """||W + s B A|| per output row, with B A treated as a constant (PEFT detaches it as well)."""
@@ -64,13 +63,9 @@ class DoraLinear(LoraLinear):
         return out + ((scale - 1) * base_result + scale * lora * self.scaling).to(out.dtype)
 
     def merged_module(self) -> nn.Module:
-        base = self.base_layer
-        w = base.weight.float()
-        w = w.T if self.fan_in_fan_out else w
-        directed = w + self.delta_weight()
-        merged = (self.lora_magnitude_vector.float() / torch.linalg.norm(directed, dim=1))[:, None] * directed
-        base.weight.data = (merged.T if self.fan_in_fan_out else merged).contiguous().to(base.weight.dtype)
-        return base
+        directed = self.base_weight().float() + self.delta_weight()
+        self.set_base_weight((self.lora_magnitude_vector.float() / torch.linalg.norm(directed, dim=1))[:, None] * directed)
+        return self.base_layer
 
 
 @register
@@ -79,6 +74,10 @@ class DoRA(LoRA):
     summary = "LoRA with a learned per-row magnitude: m * (W + s B A) / ||W + s B A||_row"
     Options = DoraOptions
     wrapper_cls = DoraLinear
+
+    @classmethod
+    def reads_peft_config(cls, cfg: dict) -> bool:
+        return cfg.get("peft_type") == "LORA" and bool(cfg.get("use_dora"))
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
         return {**super().adapter_config(model, base_name), "use_dora": True}

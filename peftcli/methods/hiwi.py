@@ -37,9 +37,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, replace_module
-from peftcli.methods.lora import TargetSpec, _adapter_dtype
-from peftcli.methods.targets import linear_shape, resolve_targets
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec
 
 _FFN = ["gate_proj", "up_proj", "down_proj"]
 # The feed-forward projections per model_type. BERT's FFN output is `output.dense`, which a suffix
@@ -69,14 +67,11 @@ class HiwiOptions(MethodOptions):
 
 class HiwiLinear(AdapterModule):
     def __init__(self, base: nn.Module, form: str, r: int, activation: str, init: str, init_std: float):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.form = form
         self.act = ACTIVATIONS[activation]
-        self.in_features, self.out_features = linear_shape(base)
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
         n = self.in_features if form == "weight_in" else self.out_features  # token size
-        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base)}
+        kw = self.factory_kwargs
         down = torch.empty(r, n, **kw)  # laid out as a Linear(n, r) weight, so fan-in is n
         if init == "kaiming":
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
@@ -90,10 +85,6 @@ class HiwiLinear(AdapterModule):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         # the bias form stores b' (HiWi.state_dict), not the adapter
         return {} if self.form == "bias" else {"hiwi_down": self.hiwi_down, "hiwi_up": self.hiwi_up}
-
-    def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.transposed else w
 
     def new_bias(self) -> torch.Tensor:
         b = self.hiwi_b0 if self.hiwi_b0 is not None else self.base_layer.bias
@@ -122,7 +113,7 @@ class HiwiLinear(AdapterModule):
             base.bias.data = self.new_bias().detach()
         else:
             w, b = self.new_weight()
-            base.weight.data = (w.detach().T if self.transposed else w.detach()).contiguous()
+            self.set_base_weight(w.detach())
             if b is not None:
                 base.bias.data = b.detach()
         return base
@@ -135,23 +126,24 @@ class HiWi(Method):
     peft_type = None
     summary = "adapter on the pretrained FFN biases (or weight rows), folded away after training: b' = b + f(b W_down) W_up"
     Options = HiwiOptions
+    wrapper_cls = HiwiLinear
+    default_targets = HIWI_TARGETS
 
     def inject(self, model: nn.Module) -> None:
-        o = self.opts
-        paths = resolve_targets(model, o.target_modules, o.exclude_modules, o.layers_to_transform, o.layers_pattern,
-                                default_map=HIWI_TARGETS)
+        paths = self.target_paths(model)
         no_bias = [p for p in paths if model.get_submodule(p).bias is None]
-        form = o.form or ("weight" if no_bias else "bias")
+        form = self.opts.form or ("weight" if no_bias else "bias")
         if form == "bias" and no_bias:
             raise UserError(
                 f"hiwi form: bias needs biases, but {no_bias[0]!r} ({len(no_bias)} of {len(paths)} targets) has none; "
                 "use method.form: weight (works on any linear layer)"
             )
         self.form = form
-        for path in paths:
-            wrapper = HiwiLinear(model.get_submodule(path), form, o.r, o.activation, o.init, o.init_std)
-            replace_module(model, path, wrapper)
-        self.wrapped = paths
+        super().inject(model)
+
+    def make_wrapper(self, base: nn.Module, path: str = "") -> AdapterModule:
+        o = self.opts
+        return HiwiLinear(base, self.form, o.r, o.activation, o.init, o.init_std)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         sd = super().state_dict(model)

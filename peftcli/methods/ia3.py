@@ -21,9 +21,8 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import AdapterModule, Method, MethodOptions, replace_module
-from peftcli.methods.lora import LoRA, TargetSpec, _adapter_dtype
-from peftcli.methods.targets import linear_shape, matches, resolve_targets
+from peftcli.methods.base import AdapterModule, Method, MethodOptions, TargetSpec
+from peftcli.methods.targets import exact_regex, matches
 
 # HF PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
 DEFAULT_IA3_TARGETS = {
@@ -41,10 +40,6 @@ DEFAULT_IA3_FEEDFORWARD = {
 }
 
 
-def _exact_regex(paths: list[str]) -> str:
-    return "^(?:" + "|".join(map(re.escape, paths)) + ")$"
-
-
 class IA3Options(MethodOptions):
     name: Literal["ia3"] = "ia3"
     target_modules: TargetSpec = Field(None, description="regex (fullmatch), list (exact/suffix), 'all-linear', or null for PEFT's per-architecture default")
@@ -56,13 +51,10 @@ class IA3Options(MethodOptions):
 
 class IA3Linear(AdapterModule):
     def __init__(self, base: nn.Module, feedforward: bool):
-        super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = linear_shape(base)
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W transposed
+        super().__init__(base)
         self.is_feedforward = feedforward
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device, dtype=_adapter_dtype(base)))
+        self.ia3_l = nn.Parameter(torch.ones(shape, **self.factory_kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten()
@@ -73,10 +65,7 @@ class IA3Linear(AdapterModule):
 
     def merged_module(self) -> nn.Module:
         base = self.base_layer
-        w = base.weight.float()
-        w = w.T if self.fan_in_fan_out else w  # (out, in)
-        w = w * self.ia3_l.float()  # (out, 1): rows; (1, in): columns
-        base.weight.data = (w.T if self.fan_in_fan_out else w).contiguous().to(base.weight.dtype)
+        self.set_base_weight(self.base_weight().float() * self.ia3_l.float())  # (out, 1): rows; (1, in): columns
         if not self.is_feedforward and base.bias is not None:
             base.bias.data = (base.bias.float() * self.ia3_l.float().flatten()).to(base.bias.dtype)
         return base
@@ -91,44 +80,59 @@ class IA3(Method):
     summary = "learned vectors rescale keys, values and the FFN intermediate activation (init ones)"
     Options = IA3Options
     wrapper_cls = IA3Linear
-    _peft_targets = LoRA._peft_targets  # same target-spec writer as LoRA (same option fields)
+    default_targets = DEFAULT_IA3_TARGETS
+    training_only = frozenset({"feedforward_modules"})  # compared module by module (check_continuation)
 
     def __init__(self, options: IA3Options):
         super().__init__(options)
         self.feedforward: list[str] = []  # wrapped paths whose input (not output) is scaled
 
+    @staticmethod
+    def feedforward_paths(model: nn.Module, paths: list[str], spec) -> list[str]:
+        """The paths among `paths` whose input is scaled; as PEFT, the architecture's feed-forward default
+        applies whenever none is given (spec None)."""
+        if spec is None:
+            spec = DEFAULT_IA3_FEEDFORWARD.get(getattr(getattr(model, "config", None), "model_type", None), [])
+        return [p for p in paths if matches(p, spec)]
+
     def inject(self, model: nn.Module) -> None:
         o = self.opts
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        self.wrapped = resolve_targets(model, o.target_modules, o.exclude_modules, o.layers_to_transform,
-                                       o.layers_pattern, default_map=DEFAULT_IA3_TARGETS)
-        # as PEFT: the architecture's feed-forward default applies whenever none is given
-        ff = DEFAULT_IA3_FEEDFORWARD.get(model_type, []) if o.feedforward_modules is None else o.feedforward_modules
-        self.feedforward = [p for p in self.wrapped if matches(p, ff)]
+        self.feedforward = self.feedforward_paths(model, self.target_paths(model), o.feedforward_modules)
         if o.feedforward_modules and not self.feedforward:
-            raise UserError(f"method.feedforward_modules: {ff!r} matches none of the targets; it must name some of method.target_modules")
-        for path in self.wrapped:
-            replace_module(model, path, IA3Linear(model.get_submodule(path), path in self.feedforward))
+            raise UserError(f"method.feedforward_modules: {o.feedforward_modules!r} matches none of the targets; "
+                            "it must name some of method.target_modules")
+        super().inject(model)
+
+    def make_wrapper(self, base: nn.Module, path: str = "") -> AdapterModule:
+        return IA3Linear(base, path in self.feedforward)
+
+    def check_continuation(self, other: Method, model: nn.Module) -> str | None:
+        ff = self.feedforward_paths(model, self.wrapped, other.opts.feedforward_modules)
+        if ff != self.feedforward:
+            diff = sorted(set(ff) ^ set(self.feedforward))
+            return (f"method.feedforward_modules differ: {diff[0]} is feed-forward in "
+                    f"{'the adapter' if diff[0] in ff else 'the recipe'} only; make them equal to continue training it")
+        return None
 
     def _peft_feedforward(self, targets) -> list[str] | str:
         """feedforward_modules for adapter_config.json; PEFT matches a list with a plain `endswith`."""
         short = sorted({p.rsplit(".", 1)[-1] for p in self.feedforward})
         if [p for p in self.wrapped if any(p.endswith(s) for s in short)] == self.feedforward and isinstance(targets, list):
             return short
-        return _exact_regex(self.feedforward)
+        return exact_regex(self.feedforward)
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
         o = self.opts
-        targets, keep_filters = self._peft_targets(model)
+        targets, keep_filters = self.peft_target_spec(model)
         if o.layers_to_transform is not None:  # PEFT's IA3Config has no layer filter: name the modules
-            targets, keep_filters = _exact_regex(self.wrapped), False
+            targets, keep_filters = exact_regex(self.wrapped), False
         return {
             "peft_type": "IA3",
             "base_model_name_or_path": base_name,
             "target_modules": targets,
             "feedforward_modules": self._peft_feedforward(targets),
             "exclude_modules": o.exclude_modules if keep_filters else None,
-            "fan_in_fan_out": any(w.fan_in_fan_out for w in self.wrappers(model).values()),
+            "fan_in_fan_out": self.fan_in_fan_out(model),
             "modules_to_save": self.saved_modules or None,
             "init_ia3_weights": True,
         }

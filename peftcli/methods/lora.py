@@ -28,10 +28,9 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, replace_module
-from peftcli.methods.targets import filter_targets, is_linear, linear_shape, resolve_targets
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec
 
-TargetSpec = str | list[str] | None
+__all__ = ["LoRA", "LoraLinear", "LoraOptions", "TargetSpec", "pattern_key"]
 # adapter_config.json fields of PEFT's LoRA that change what the adapter computes and peftcli does not model
 FOREIGN_LORA_FIELDS = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
                        "use_qalora", "use_bdlora", "arrow_config")
@@ -72,19 +71,10 @@ def pattern_key(keys, path: str) -> str | None:
     return next((k for k in keys if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
-def _adapter_dtype(base: nn.Module) -> torch.dtype:
-    # Half-precision bases keep fp32 adapters: small and numerically safer to train.
-    dtype = base.weight.dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 class LoraLinear(AdapterModule):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = linear_shape(base)
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores W transposed
-        kw = {"device": base.weight.device, "dtype": _adapter_dtype(base)}
+        super().__init__(base)
+        kw = self.factory_kwargs
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -110,9 +100,7 @@ class LoraLinear(AdapterModule):
     def pissa_init(self) -> None:
         """PiSSA: A, B from the top-r SVD of W (fp32, as HF PEFT's pissa_init), W <- W - s B A.
         Copies A0, B0 are kept (non-persistent buffers) to convert the trained adapter back to the original W."""
-        base = self.base_layer
-        w = base.weight.float()
-        w = w.T if self.fan_in_fan_out else w
+        w = self.base_weight().float()
         if self.r > min(w.shape):
             raise UserError(f"method.r={self.r} exceeds the rank of a {tuple(w.shape)} weight; PiSSA needs r <= {min(w.shape)}")
         u, sv, vh = torch.linalg.svd(w, full_matrices=False)
@@ -122,8 +110,7 @@ class LoraLinear(AdapterModule):
         self.lora_B.weight.data.copy_(b)
         self.register_buffer("lora_A0", self.lora_A.weight.detach().clone(), persistent=False)
         self.register_buffer("lora_B0", self.lora_B.weight.detach().clone(), persistent=False)
-        res = w - self.scaling * (b @ a)
-        base.weight.data = (res.T if self.fan_in_fan_out else res).contiguous().to(base.weight.dtype)
+        self.set_base_weight(w - self.scaling * (b @ a))
 
     def delta_weight(self) -> torch.Tensor:
         """s B A in (out, in) layout, fp32."""
@@ -138,6 +125,12 @@ class LoRA(Method):
     summary = "low-rank update W + (alpha/r) B A on chosen linear layers; rsLoRA and LoRA-FA as options"
     Options = LoraOptions
     wrapper_cls = LoraLinear
+    # r and alpha are compared module by module (check_continuation), through rank_pattern / alpha_pattern
+    training_only = frozenset({"freeze_a", "r", "alpha", "rank_pattern", "alpha_pattern"})
+
+    @classmethod
+    def reads_peft_config(cls, cfg: dict) -> bool:
+        return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")
 
     def module_r_alpha(self, path: str) -> tuple[int, float]:
         """r and alpha of the module at `path` (rank_pattern / alpha_pattern, else r / alpha)."""
@@ -154,25 +147,10 @@ class LoRA(Method):
         return wrapper
 
     def inject(self, model: nn.Module) -> None:
-        o = self.opts
-        self.wrapped = resolve_targets(model, o.target_modules, o.exclude_modules, o.layers_to_transform, o.layers_pattern)
-        for path in self.wrapped:
-            wrapper = self.make_wrapper(model.get_submodule(path), path)
-            if getattr(o, "freeze_a", False):
+        super().inject(model)
+        if getattr(self.opts, "freeze_a", False):
+            for wrapper in self.wrappers(model).values():
                 wrapper.lora_A.weight.requires_grad_(False)
-            replace_module(model, path, wrapper)
-
-    def _peft_targets(self, model: nn.Module) -> tuple[list[str] | str, bool]:
-        """Target spec for adapter_config.json that selects exactly our modules under PEFT's rules:
-        the short names when they do (readable, PEFT's own style), else an exact regex."""
-        short = sorted({p.rsplit(".", 1)[-1] for p in self.wrapped})
-        o = self.opts
-        cand = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short
-                and (is_linear(m) or isinstance(m, self.wrapper_cls))]
-        cand = filter_targets(cand, o.exclude_modules, o.layers_to_transform, o.layers_pattern)
-        if sorted(cand) == sorted(self.wrapped):
-            return short, True
-        return "^(?:" + "|".join(p.replace(".", r"\.") for p in self.wrapped) + ")$", False
 
     def saved_options(self) -> LoraOptions:
         """Options under which the stored tensors reload on the original base (PiSSA: rank 2r, same scaling)."""
@@ -183,6 +161,17 @@ class LoRA(Method):
         return o.model_copy(update={"r": 2 * o.r, "alpha": o.alpha * f, "init": "default",
                                     "rank_pattern": {k: 2 * v for k, v in o.rank_pattern.items()},
                                     "alpha_pattern": {k: v * f for k, v in o.alpha_pattern.items()}})
+
+    def check_continuation(self, other: Method, model: nn.Module) -> str | None:
+        if getattr(self.opts, "init", "default") == "pissa":
+            return ("PiSSA replaces the base weights by a residual at init, so it cannot start from an adapter; "
+                    "continue it as a plain LoRA (method.init: default with the adapter's r and alpha)")
+        for p in self.wrapped:
+            if other.module_r_alpha(p) != self.module_r_alpha(p):
+                (r1, a1), (r2, a2) = other.module_r_alpha(p), self.module_r_alpha(p)
+                return (f"module {p} has r={r1}, alpha={a1} in the adapter, r={r2}, alpha={a2} in the recipe "
+                        "(method.r/alpha/rank_pattern/alpha_pattern); make them equal to continue training it")
+        return None
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         sd = super().state_dict(model)
@@ -201,7 +190,7 @@ class LoRA(Method):
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict:
         o = self.saved_options()
-        targets, keep_filters = self._peft_targets(model)
+        targets, keep_filters = self.peft_target_spec(model)
         return {
             "peft_type": "LORA",
             "base_model_name_or_path": base_name,
@@ -213,7 +202,7 @@ class LoRA(Method):
             "layers_to_transform": o.layers_to_transform if keep_filters else None,
             "layers_pattern": o.layers_pattern if keep_filters else None,
             "bias": "none",
-            "fan_in_fan_out": any(w.fan_in_fan_out for w in self.wrappers(model).values()),
+            "fan_in_fan_out": self.fan_in_fan_out(model),
             "modules_to_save": self.saved_modules or None,
             "init_lora_weights": True,
             "use_rslora": o.use_rslora,

@@ -50,8 +50,15 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import HEADS, PREFIX, AdapterModule, Method, MethodOptions, replace_module
-from peftcli.methods.lora import TargetSpec, _adapter_dtype
+from peftcli.methods.base import (
+    HEADS,
+    PREFIX,
+    AdapterModule,
+    Method,
+    MethodOptions,
+    TargetSpec,
+    replace_module,
+)
 from peftcli.methods.targets import is_linear, layer_index, resolve_targets
 
 
@@ -148,15 +155,13 @@ class SparseDeltaLinear(AdapterModule):
     storage and a reload all see base + values. indices None: a dense delta (Child-Tuning F), added per call."""
 
     def __init__(self, base: nn.Module, indices: torch.Tensor | None):
-        super().__init__()
-        self.base_layer = base
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
+        super().__init__(base)
         w = base.weight
         self.dense = indices is None
         self.register_buffer("sparse_indices", torch.empty(0, dtype=torch.long, device=w.device) if self.dense
                              else indices.to(device=w.device, dtype=torch.long), persistent=False)
         n = w.numel() if self.dense else self.sparse_indices.numel()
-        self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=_adapter_dtype(base)))
+        self.sparse_values = nn.Parameter(torch.zeros(n, device=w.device, dtype=self.factory_kwargs["dtype"]))
         self.register_buffer("sparse_base", None if self.dense else w.detach().reshape(-1)[self.sparse_indices].clone(),
                              persistent=False)
         # the mask in CSR form over the weight's storage layout (indices are sorted: row-major order)
@@ -181,7 +186,7 @@ class SparseDeltaLinear(AdapterModule):
         self.sync()
         b = self.base_layer
         return _SparseLinear.apply(x, b.weight, b.bias, self.sparse_values, self.sparse_indices, self.sparse_crow,
-                                   self.sparse_col, self.transposed, self.dense)
+                                   self.sparse_col, self.fan_in_fan_out, self.dense)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"sparse_values": self.sparse_values}
@@ -194,7 +199,7 @@ class SparseDeltaLinear(AdapterModule):
         else:
             delta.index_add_(0, self.sparse_indices, self.sparse_values.float())
         delta = delta.view_as(w)
-        return delta.T if self.transposed else delta
+        return delta.T if self.fan_in_fan_out else delta
 
     def merged_module(self) -> nn.Module:
         base = self.base_layer

@@ -37,6 +37,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
+def exact_regex(paths: list[str]) -> str:
+    """A regex that fullmatches exactly these module paths (for configs that take a regex)."""
+    return "^(?:" + "|".join(map(re.escape, paths)) + ")$"
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     heads = {"lm_head", "classifier", "score"}
     get_out = getattr(model, "get_output_embeddings", None)
