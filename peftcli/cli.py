@@ -145,9 +145,30 @@ def inspect(
                       + (f" ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})" if targets else "")
                       + (f", modules_to_save {report['modules_to_save']}" if report.get("modules_to_save") else "")
                       + (f"; stored adapter {report['adapter_bytes']:,} bytes" if report.get("adapter_bytes") else ""))
-        shown = {"targets", "modules_to_save", "method", "adapter_bytes", "metrics"}
+        if report.get("inference_cost"):
+            console.print(f"inference cost: {_cost_text(report['inference_cost'])}")
+        for part in report.get("parts") or []:  # a hybrid
+            console.print(f"  {part['key']} {part['method']}: {len(part.get('targets') or [])} targeted modules, "
+                          f"{'merges' if part['mergeable'] else 'does not merge'}"
+                          + (f"; {_cost_text(part)}" if any(k.startswith(('added_', 'virtual_')) for k in part) else ""))
+        shown = {"targets", "modules_to_save", "method", "adapter_bytes", "metrics", "parts", "inference_cost", "virtual_tokens",
+                 "added_flops_per_token", "added_sequence_length", "added_kv_per_layer"}
         for key in sorted(set(report) - shown - {"source", "kind", "total_params", "trainable_params", "trainable_percent", "by", "rows"}):
             console.print(f"  {key}: {report[key]}")
+
+
+def _cost_text(cost: dict) -> str:
+    """What an additive method adds to inference: FLOPs per token (and their share of the base's), virtual tokens."""
+    parts = []
+    if cost.get("added_flops_per_token") is not None:
+        base = cost.get("base_flops_per_token")
+        share = f" ({100 * cost['added_flops_per_token'] / base:.2f}% of the base's ~{base:,})" if base else ""
+        parts.append(f"+{cost['added_flops_per_token']:,} FLOPs per token{share}")
+    if cost.get("virtual_tokens"):
+        where = (f"+{cost['added_sequence_length']} sequence length" if cost.get("added_sequence_length")
+                 else f"+{cost.get('added_kv_per_layer', cost['virtual_tokens'])} keys/values per layer")
+        parts.append(f"{cost['virtual_tokens']} virtual tokens ({where})")
+    return ", ".join(parts) or "none"
 
 
 class Dtype(StrEnum):
@@ -163,21 +184,27 @@ ForceOpt = Annotated[bool, typer.Option(help="merge even if the base weights dif
 OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output directory")]
 
 
-def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json, verify=None, in_memory=False) -> None:
+def _merge(adapter: Path, output: Path, base, dtype, force, overwrite, as_json, verify=None, in_memory=False,
+           partial=False) -> None:
     from peftcli.merge import merge_adapter
 
     def progress(name: str, i: int, n: int) -> None:
         if n > 1 and not as_json:
             err_console.print(f"merging shard {i}/{n}: {name}", highlight=False)
 
-    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite, verify, in_memory, progress)
+    res = merge_adapter(adapter, output, base, dtype.value if dtype else None, force, overwrite, verify, in_memory, progress,
+                        partial)
     if as_json:
         _print_json(res)
         return
     how = "streamed shard by shard" if res.get("path") == "streaming" else "in memory"
     check = (f"max |logit difference| {res['max_abs_diff']:.3g} (tolerance {res['tolerance']:.3g})" if res.get("verified")
              else f"not verified ({res.get('verify_skipped')})")
-    console.print(f"merged {res['method']} into the base ({res['dtype']}, {how}): {check} -> [bold]{res['output']}[/] in {res['seconds']}s")
+    what = f"{', '.join(res['merged'])} of {res['method']}" if "merged" in res else res["method"]
+    console.print(f"merged {what} into the base ({res['dtype']}, {how}): {check} -> [bold]{res['output']}[/] in {res['seconds']}s")
+    if "remaining" in res:  # merge --partial
+        console.print(f"not merged: {', '.join(res['remaining'])}, written as an adapter for the merged model -> "
+                      f"[bold]{res['remaining_adapter']}[/]")
 
 
 @app.command()
@@ -193,11 +220,13 @@ def merge(
                                                 "merged model (default: when the model fits in memory)")] = None,
     in_memory: Annotated[bool, typer.Option("--in-memory", help="load the whole model and merge with the method's own merge "
                                             "(default: stream shard by shard when the adapter allows)")] = False,
+    partial: Annotated[bool, typer.Option("--partial", help="hybrid adapters: merge the mergeable parts, write the others "
+                                          "as an adapter directory for the merged model (OUTPUT/adapter)")] = False,
     as_json: JsonOpt = False,
 ):
     """Fold the adapter into the base weights (shard by shard from the base's safetensors files when every
     part of the adapter merges per tensor); verify merged logits equal the adapter's. --dtype: output precision."""
-    _merge(adapter, output, base, dtype, force, overwrite, as_json, verify, in_memory)
+    _merge(adapter, output, base, dtype, force, overwrite, as_json, verify, in_memory, partial)
 
 
 class Format(StrEnum):

@@ -119,7 +119,7 @@ class OutputCfg(_Section):
 
 class Recipe(_Section):
     model: ModelCfg
-    method: dict[str, Any]
+    method: dict[str, Any] | list[dict[str, Any]]  # a list: several methods at once (methods/hybrid.py)
     data: DataCfg
     train: TrainCfg = TrainCfg()
     output: OutputCfg = OutputCfg()
@@ -134,6 +134,10 @@ class Recipe(_Section):
     def method_options(self):
         from peftcli.methods import get_method
 
+        if isinstance(self.method, list):
+            from peftcli.methods.hybrid import hybrid_options
+
+            return hybrid_options(self.method)
         return get_method(self.method.get("name")).Options.model_validate(self.method)
 
     def resolved(self) -> dict:
@@ -296,11 +300,19 @@ def apply_overrides(data: dict, overrides: list[str], set_by: dict | None = None
         if not path:
             raise UserError(f"--set {one_line(item)}: empty key path; expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
         node = data
-        for i, part in enumerate(path[:-1]):
-            if node.get(part) is None:
+        for i, part in enumerate(path):
+            if isinstance(node, list):  # a list of sections (method: [...]): the key is an index, method.0.r=8
+                if not (part.isdigit() and int(part) < len(node)):
+                    above = ".".join(path[:i])
+                    raise UserError(f"--set {one_line(item)}: {above} is a list of {len(node)}; "
+                                    f"index it by position, e.g. {above}.0.KEY=VALUE")
+                path[i] = part = int(part)
+            if i == len(path) - 1:
+                break
+            if isinstance(node, dict) and node.get(part) is None:
                 node[part] = {}
-            elif not isinstance(node[part], dict):
-                above = ".".join(path[: i + 1])
+            elif not isinstance(node[part], dict | list):
+                above = ".".join(map(str, path[: i + 1]))
                 raise UserError(f"--set {one_line(item)}: {above} is a {type(node[part]).__name__}, not a section with keys; "
                                 f"set {above}=VALUE instead")
             node = node[part]
@@ -370,19 +382,31 @@ def recipe_from_dict(data: dict, source: str = "recipe", lines: dict | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_errors(exc, Recipe, lines, source, data=data, set_by=set_by)) from None
-    name = recipe.method.get("name")
-    if name not in available_methods():
-        where = _where(("method", "name"), lines, source, set_by)
-        shown = one_line(repr(name), 80)
-        hint = did_you_mean(name, available_methods()) if isinstance(name, str) else ""
-        missing = "missing required key 'method.name'" if name is None else f"unknown method.name {shown}{hint}"
-        raise UserError(f"{where}: {missing}; choose one of: {', '.join(available_methods())} (see `peftcli methods`)")
-    options_cls = get_method(name).Options
-    try:
-        options_cls.model_validate(recipe.method)
-    except ValidationError as exc:
-        raise UserError(_format_errors(exc, options_cls, lines, source, prefix=("method",), data=recipe.method,
-                                       set_by=set_by)) from None
+    sections = recipe.method if isinstance(recipe.method, list) else [recipe.method]
+    parts = []
+    for i, section in enumerate(sections):
+        prefix = ("method", i) if isinstance(recipe.method, list) else ("method",)
+        key = ".".join(map(str, prefix))
+        name = section.get("name")
+        if name not in available_methods():
+            where = _where(prefix + ("name",), lines, source, set_by)
+            shown = one_line(repr(name), 80)
+            hint = did_you_mean(name, available_methods()) if isinstance(name, str) else ""
+            missing = f"missing required key '{key}.name'" if name is None else f"unknown {key}.name {shown}{hint}"
+            raise UserError(f"{where}: {missing}; choose one of: {', '.join(available_methods())} (see `peftcli methods`)")
+        options_cls = get_method(name).Options
+        try:
+            parts.append(options_cls.model_validate(section))
+        except ValidationError as exc:
+            raise UserError(_format_errors(exc, options_cls, lines, source, prefix=prefix, data=section,
+                                           set_by=set_by)) from None
+    if isinstance(recipe.method, list):  # collisions the options show (the rest show when applied to the model)
+        from peftcli.methods.hybrid import check_parts
+
+        try:
+            check_parts(parts, lambda i: f"method.{i}")
+        except UserError as exc:
+            raise UserError(f"{_where(('method',), lines, source, set_by)}: {exc}") from None
     problem = generation_eval_problem(recipe)
     if problem:
         raise UserError(f"{_where(('train', 'generation_eval'), lines, source, set_by)}: train.generation_eval {problem}")
