@@ -370,35 +370,25 @@ def test_adapter_for_another_base_is_refused(llama_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- real model
-def smollm2_adapter(out: Path) -> Path:
-    """A LoRA adapter for demo:smollm2 in HF PEFT's layout (as `peft` writes one), with random weights, written
-    without loading the model: SmolLM2-135M has 30 layers, hidden 576, 9 query / 3 key-value heads of 64."""
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    g = torch.Generator().manual_seed(0)
-    shapes = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "mlp.down_proj": (576, 1536)}
-    tensors = {}
-    for i in range(30):
-        for m, (o, n) in shapes.items():
-            key = f"base_model.model.model.layers.{i}.{m}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(4, n, generator=g) / n ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.02
-    save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "demo:smollm2", "r": 4, "lora_alpha": 8,
-        "target_modules": ["q_proj", "k_proj", "down_proj"], "lora_dropout": 0.0, "bias": "none", "use_rslora": True}))
-    return out
-
-
 @pytest.mark.slow
-def test_smollm2_gguf_adapter_merge_gguf_round_trip(tmp_path):
-    """The installed SmolLM2-135M-Instruct (a Q4_1 GGUF) + a LoRA adapter -> merged in memory -> GGUF f32,
-    proven by the exporter against the merged model (transformers' GGUF loader: logits, SmolLM2's 49152-token
-    tokenizer on the probe texts, its ChatML template). Training is left out here (two SmolLM2 steps alone
-    take ~40 s on 2 cores), and so is gguf-lora (another base load): both run on the tiny model above."""
-    adapter = smollm2_adapter(tmp_path / "lora")
-    res = invoke("export", adapter, "--format", "gguf", "-o", tmp_path / "smol.gguf", "--dtype", "f32", "--json")
+def test_smollm2_gguf_train_merge_gguf_round_trip(tmp_path):
+    """The installed SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantised) -> 2 LoRA steps -> `peftcli merge` (in
+    memory: a GGUF base, verified) -> `export --format gguf` f32, proven by the exporter against the merged
+    model (transformers' GGUF loader: logits, SmolLM2's 49152-token tokenizer on the probe texts, its ChatML
+    template). gguf-lora and the adapter-to-GGUF shortcut run on the tiny model above (another base load each)."""
+    from safetensors.torch import load_file
+
+    rows = write_jsonl(tmp_path / "train.jsonl", copy_task_rows(4))
+    recipe = recipe_dict("demo:smollm2", rows, None, tmp_path / "run",
+                         method={"target_modules": ["q_proj", "v_proj"]}, data={"max_length": 96},
+                         train={"max_steps": 2, "batch_size": 2, "lr": 1e-2, "eval_every": None, "save_every": None})
+    assert (res := invoke("train", write_recipe(tmp_path / "r.yaml", recipe), "--json")).exit_code == 0, res.output
+    lora_b = [t for k, t in load_file(tmp_path / "run" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 30 and all(t.abs().max() > 0 for t in lora_b)  # trained: B left its zero init
+    assert (res := invoke("merge", tmp_path / "run", "-o", tmp_path / "merged", "--json")).exit_code == 0, res.output
+    merged = json.loads(res.stdout)
+    assert merged["verified"] and merged["max_abs_diff"] <= merged["tolerance"], merged
+    res = invoke("export", tmp_path / "merged", "--format", "gguf", "-o", tmp_path / "smol.gguf", "--dtype", "f32", "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["tokens"] == 49152 and report["merges"] == 48900 and report["chat_template"], report
