@@ -26,6 +26,9 @@ IGNORE = -100
 # model types whose attention layers pass position_ids through transformers' attention interface
 PADDING_FREE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 SEGMENT_ATTENTION = "peftcli_segments"
+# set False on a model by methods whose tokens belong to each sequence (prompt/prefix tuning): flattening a
+# batch into one row would give the whole row one set of virtual tokens
+PADDING_FREE_MARK = "peftcli_padding_free"
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -69,7 +72,8 @@ class LossModel(nn.Module):
         fuse_swiglu(model)
         self.selective = task == "causal-lm" and supports_selective_head(model)
         self.padding_free = (self.selective and getattr(model.config, "model_type", None) in PADDING_FREE_TYPES
-                             and getattr(model.config, "_attn_implementation", None) == "sdpa")
+                             and getattr(model.config, "_attn_implementation", None) == "sdpa"
+                             and getattr(model, PADDING_FREE_MARK, True))
         if self.padding_free:
             _register_segment_attention()
             model.set_attn_implementation(SEGMENT_ATTENTION)  # padded batches still go to SDPA

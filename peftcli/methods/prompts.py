@@ -1,0 +1,493 @@
+"""Virtual-token methods: prompt tuning (Lester et al. 2021), P-tuning (Liu et al. 2021) and prefix
+tuning (Li & Liang 2021). They add tokens the model attends to, so they never fold into the weights.
+
+One mechanism for every architecture (Llama, GPT-2, BERT, ...), in this file:
+- a forward pre-hook on the backbone (`model.base_model`: LlamaModel, GPT2Model, BertModel) rewrites its
+  inputs, and a forward hook rewrites its outputs. Whoever calls the backbone (the task model's forward,
+  `generate`, peftcli's selective-head loss that calls `model.base_model` directly) goes through them.
+- prompt tuning / P-tuning: the pre-hook prepends the n virtual embeddings to the input embeddings and
+  n ones to the attention mask; the forward hook drops the n virtual positions from the hidden states,
+  so the head sees the real tokens only: logits have the real length, labels need no padding, and
+  sequence classification pools the real last token / [CLS] (BERT's pooler is re-run on the real
+  [CLS]; HF PEFT pools the first virtual token there). In generation the KV cache holds the virtual
+  tokens after the first step, so later steps only get the mask prefix.
+- prefix tuning: the pre-hook computes the per-layer keys/values once per forward, and an attention
+  function registered with transformers' AttentionInterface (`peftcli_prefix`, SDPA underneath)
+  concatenates them before the real keys/values in every self-attention layer, extending the mask
+  with n visible columns. No cache argument is needed (BertModel has none), and the cache holds only
+  real tokens.
+- positions: the virtual tokens occupy positions 0..n-1 and the real tokens follow (n + their index
+  among the real tokens, so left padding does not shift them), as in HF PEFT, whose logits we match.
+
+Stored in HF PEFT's layout: one tensor `prompt_embeddings` (prompt: (n, d); prefix: (n, layers*2*kv_dim),
+per token [k_0, v_0, k_1, v_1, ...] each (kv_heads, head_dim)); P-tuning's encoder and prefix tuning's
+MLP reparameterisation exist during training only, their output is what is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.loss import PADDING_FREE_MARK
+from peftcli.methods import register
+from peftcli.methods.base import Method, MethodOptions
+
+VIRTUAL = "peftcli_virtual"  # the backbone's submodule holding the method's tensors (so optimizers and .to() see them)
+ATTENTION = "peftcli_prefix"  # the registered attention function of prefix tuning
+KEY = "prompt_embeddings"  # HF PEFT's tensor name
+HEAD_PREFIX = "base_model."  # HF PEFT's prompt-learning key prefix for modules_to_save (no LoraModel in between)
+
+
+# ----------------------------------------------------------------------------- options
+class PromptText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, description="init from the embeddings of this text's tokens (repeated/truncated)")
+
+
+class VirtualOptions(MethodOptions):
+    num_virtual_tokens: int = Field(20, ge=1, le=1024, description="number of virtual tokens")
+
+
+class PromptTuningOptions(VirtualOptions):
+    name: Literal["prompt_tuning"] = "prompt_tuning"
+    init: Literal["random", "sample_vocab"] | PromptText = Field(
+        "random", description="random (normal, the embedding matrix's std), sample_vocab (random vocabulary rows), or {text: ...}")
+    tokenizer_name_or_path: str | None = Field(None, description="tokenizer for init text (default: the model's)")
+
+
+class PTuningOptions(VirtualOptions):
+    name: Literal["p_tuning"] = "p_tuning"
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="prompt encoder: MLP, or BiLSTM + MLP (HF PEFT's)")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="encoder width (default: the model's hidden size)")
+    encoder_num_layers: int = Field(2, ge=1, description="BiLSTM layers (lstm only)")
+    encoder_dropout: float = Field(0.0, ge=0, lt=1, description="BiLSTM dropout (lstm only)")
+
+
+class PrefixTuningOptions(VirtualOptions):
+    name: Literal["prefix_tuning"] = "prefix_tuning"
+    projection: bool = Field(True, description="train the prefixes through MLP(P') (Linear, tanh, Linear); only MLP(P') is kept")
+    encoder_hidden_size: int = Field(512, ge=1, description="width of the reparameterisation MLP")
+
+
+# ----------------------------------------------------------------------------- tensors
+class Direct(nn.Module):
+    """The kept tensor itself, trained directly (prompt tuning; any method after loading)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(value)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's encoder, as HF PEFT's PromptEncoder: embedding -> MLP (3 layers), or -> BiLSTM -> MLP."""
+
+    def __init__(self, n: int, d: int, hidden: int, kind: str, layers: int, dropout: float, **factory):
+        super().__init__()
+        self.embedding = nn.Embedding(n, d, **factory)
+        self.lstm_head = None
+        if kind == "lstm":
+            self.lstm_head = nn.LSTM(d, hidden, num_layers=layers, dropout=dropout, bidirectional=True, batch_first=True, **factory)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden, **factory), nn.ReLU(), nn.Linear(2 * hidden, d, **factory))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(d, hidden, **factory), nn.ReLU(), nn.Linear(hidden, hidden, **factory),
+                                          nn.ReLU(), nn.Linear(hidden, d, **factory))
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight[None]
+        if self.lstm_head is not None:
+            x = self.lstm_head(x)[0]
+        return self.mlp_head(x)[0]
+
+
+class PrefixMLP(nn.Module):
+    """Li & Liang's reparameterisation, as HF PEFT's PrefixEncoder: P' (n, kv_dim) -> Linear, tanh, Linear."""
+
+    def __init__(self, n: int, token_dim: int, hidden: int, out: int, **factory):
+        super().__init__()
+        self.embedding = nn.Embedding(n, token_dim, **factory)
+        self.transform = nn.Sequential(nn.Linear(token_dim, hidden, **factory), nn.Tanh(), nn.Linear(hidden, out, **factory))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+
+# ----------------------------------------------------------------------------- model facts
+def backbone(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def dims(model: nn.Module) -> dict[str, int]:
+    """hidden size, layers, heads, key/value heads and head size from the model's config."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    return {"d": d, "layers": cfg.num_hidden_layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "kv_dim": kv_heads * head_dim}
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (GPT-2's head passes input_ids positionally)."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    extra = next((k for k, p in inspect.signature(module.forward).parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    out = {k: v for k, v in bound.items() if k != extra}
+    out.update(bound.get(extra, {}) if extra else {})
+    return out
+
+
+def _real_positions(mask: torch.Tensor | None, batch: int, length: int, past: int, device) -> torch.Tensor:
+    """Positions of this call's tokens among the real tokens: from the 2D mask (left padding aware) when there is one."""
+    if mask is not None and mask.dim() == 2:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    return (torch.arange(length, device=device) + past)[None].expand(batch, length)
+
+
+def _with_prefix_columns(mask: torch.Tensor | None, n: int, q: int, k: int, causal: bool, device) -> torch.Tensor | None:
+    """The attention mask with n always-visible key columns in front (bool or additive float masks)."""
+    if mask is None:
+        if not causal or q == 1:
+            return None  # every key visible: the prefix too
+        mask = torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)[None, None]
+    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+    front = visible(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device)
+    return torch.cat([front, mask], dim=-1)
+
+
+def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Self-attention with the layer's prefix keys/values in front of the real ones (then transformers' SDPA)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    link = getattr(module, "peftcli_prefix", None)
+    kv = link[0].layer_prefix(link[1], key) if link is not None else None
+    if kv is not None:
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        attention_mask = _with_prefix_columns(attention_mask, kv[0].shape[2], query.shape[2], key.shape[2], causal, query.device)
+        key, value = torch.cat([kv[0], key], dim=2), torch.cat([kv[1], value], dim=2)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_prefix_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, prefix_attention)
+    AttentionMaskInterface.register(ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
+
+
+# ----------------------------------------------------------------------------- the family
+class VirtualTokens(Method):
+    """Shared by the three methods: the hooks, storage in HF PEFT's layout, refusal to merge.
+    Subclasses set `kind` ("input": tokens at the input embeddings; "prefix": keys/values in every layer)
+    and build the training-time tensor source in `make_source`."""
+
+    family = "additive"
+    mergeable = False
+    padding_free = False  # the padding-free loss flattens a batch into one row: no per-sequence virtual tokens
+    kind: ClassVar[str] = "input"
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.n = options.num_virtual_tokens
+        self.enabled = True
+        self._strip = 0  # virtual positions the current backbone call prepended
+        self._kv: torch.Tensor | None = None  # prefix keys/values of the current forward, (layers*2, kv_heads, n, head_dim)
+        self._hooks: list = []
+
+    # ------------------------------------------------------------- injection
+    def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def width(self, model: nn.Module) -> int:
+        """Columns of the stored tensor."""
+        g = dims(model)
+        return g["layers"] * 2 * g["kv_dim"] if self.kind == "prefix" else g["d"]
+
+    def inject(self, model: nn.Module) -> None:
+        bb = backbone(model)
+        emb = bb.get_input_embeddings()
+        self.dims = dims(model)
+        half = emb.weight.dtype in (torch.float16, torch.bfloat16)  # half-precision bases train fp32 prompts
+        factory = {"device": emb.weight.device, "dtype": torch.float32 if half else emb.weight.dtype}
+        bb.add_module(VIRTUAL, self.make_source(model, factory))
+        if self.kind == "prefix":
+            attn = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "is_causal")
+                    and not getattr(m, "is_cross_attention", False)]
+            if sorted(m.layer_idx for m in attn) != list(range(self.dims["layers"])):
+                raise UserError(f"prefix_tuning: found no self-attention module per layer in {type(model).__name__} "
+                                "(it needs transformers' attention interface); use prompt_tuning or lora")
+            _register_prefix_attention()
+            try:
+                model.set_attn_implementation(ATTENTION)
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise UserError(f"prefix_tuning: {type(model).__name__} cannot take a custom attention function ({exc}); "
+                                "use prompt_tuning or lora") from None
+            for m in attn:
+                m.peftcli_prefix = (self, m.layer_idx)
+        setattr(model, PADDING_FREE_MARK, False)  # LossModel: no flattened (padding-free) batches
+        self._hooks = [bb.register_forward_pre_hook(self._before, with_kwargs=True),
+                       bb.register_forward_hook(self._after, with_kwargs=True)]
+        for p in self.source(model).parameters():
+            p.requires_grad_(True)
+
+    def source(self, model: nn.Module) -> nn.Module:
+        """The module that produces the virtual tensor (an attribute of the backbone)."""
+        return getattr(backbone(model), VIRTUAL)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model's behaviour: no virtual tokens (the hooks pass everything through)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+    # ------------------------------------------------------------- the hooks
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._strip = 0
+        if not self.enabled:
+            return None
+        kw = _bind(module, args, kwargs)
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        batch, length = (ids if ids is not None else embeds).shape[:2]
+        device = (ids if ids is not None else embeds).device
+        cache = kw.get("cache", kw.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask, n = kw.get("attention_mask"), self.n
+        if mask is not None and mask.dim() != 2:
+            raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
+        pos = kw.get("position_ids")
+        inject = self.kind == "input" and past == 0  # with a cache, the virtual tokens are in it after the first step
+        if pos is None:
+            real_past = past - n if self.kind == "input" and past else past
+            pos = _real_positions(mask, batch, length, real_past, device)
+        pos = pos + n
+        source = getattr(module, VIRTUAL)
+        if self.kind == "prefix":
+            g = self.dims
+            kv = source()
+            self._kv = kv.view(n, 2 * g["layers"], g["kv_heads"], g["head_dim"]).permute(1, 2, 0, 3)
+        elif inject:
+            if embeds is None:
+                embeds = module.get_input_embeddings()(ids)
+            prompts = source().to(embeds.dtype)
+            kw["inputs_embeds"] = torch.cat([prompts[None].expand(batch, -1, -1), embeds], dim=1)
+            kw["input_ids"] = None
+            pos = torch.cat([torch.arange(n, device=device)[None].expand(batch, n), pos], dim=1)
+            if kw.get("token_type_ids") is not None:
+                tt = kw["token_type_ids"]
+                kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
+            self._strip = n
+        if self.kind == "input":
+            if mask is not None:
+                kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kw.pop("cache_position", None)  # the model derives it from the cache, which holds the virtual tokens
+        kw["position_ids"] = pos
+        return (), kw
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        n, self._strip = self._strip, 0
+        if not n:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:, n:], *output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, n:]
+        if output.get("hidden_states") is not None:
+            output.hidden_states = tuple(h[:, n:] for h in output.hidden_states)
+        if output.get("pooler_output") is not None and getattr(module, "pooler", None) is not None:
+            output.pooler_output = module.pooler(output.last_hidden_state)  # the real [CLS], not a virtual token
+        return output
+
+    def layer_prefix(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values) of `layer`'s prefix, (batch, kv_heads, n, head_dim), or None when disabled."""
+        if not self.enabled or self._kv is None:
+            return None
+        b = key.shape[0]
+        k, v = self._kv[2 * layer], self._kv[2 * layer + 1]
+        return k[None].expand(b, -1, -1, -1).to(key.dtype), v[None].expand(b, -1, -1, -1).to(key.dtype)
+
+    # ------------------------------------------------------------- storage
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            sd = {KEY: self.source(model)().detach()}
+        for path in self.saved_modules:
+            for local, p in model.get_submodule(path).named_parameters():
+                sd[f"{HEAD_PREFIX}{path}.{local}"] = p.detach()
+        return sd
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        """The stored prompts become the trained tensor (an encoder/MLP, if any, is dropped: its output is kept)."""
+        heads = {f"{HEAD_PREFIX}{path}.{local}": p for path in self.saved_modules
+                 for local, p in model.get_submodule(path).named_parameters()}
+        expected = {KEY, *heads}
+        if set(sd) != expected:
+            missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise UserError(f"adapter tensors do not fit this model ({detail}); is this adapter for this base model and method?")
+        shape = (self.n, self.width(model))
+        if tuple(sd[KEY].shape) != shape:
+            raise UserError(f"adapter tensor {KEY} has shape {tuple(sd[KEY].shape)}, the model expects {shape} "
+                            f"({self.n} virtual tokens x {shape[1]})")
+        ref = next(self.source(model).parameters())
+        setattr(backbone(model), VIRTUAL, Direct(sd[KEY].detach().to(ref.device, ref.dtype).clone()))
+        with torch.no_grad():
+            for key, p in heads.items():
+                if tuple(sd[key].shape) != tuple(p.shape):
+                    raise UserError(f"adapter tensor {key} has shape {tuple(sd[key].shape)}, the model expects {tuple(p.shape)}")
+                p.copy_(sd[key].to(p.dtype))
+
+    def merge_refusal(self) -> str:
+        return (f"method {self.name!r} adds virtual tokens the model attends to, which cannot be folded into the base "
+                "weights; deploy it unmerged with `peftcli export --format peft` (HF PEFT loads it)")
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise UserError(self.merge_refusal())
+
+    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
+        g = dims(model)
+        return {"num_virtual_tokens": self.n, "token_dim": g["d"], "num_transformer_submodules": 1,
+                "num_attention_heads": g["heads"], "num_layers": g["layers"]}
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "base_model_name_or_path": base_name,
+                "modules_to_save": self.saved_modules or None, **self.peft_fields(model)}
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        g = dims(model)
+        n = self.n
+        extra = {"virtual_tokens": n, "stored_shape": [n, self.width(model)],
+                 # each real token attends n more keys in every layer: q.k and a.v, 2 FLOPs per multiply-add
+                 "added_flops_per_token": 4 * n * g["heads"] * g["head_dim"] * g["layers"]}
+        if self.kind == "input":
+            extra["added_sequence_length"] = n  # every layer processes n more positions (once per sequence)
+        else:
+            extra["added_kv_per_layer"] = n
+        return {**super().describe(model), **extra}
+
+
+@register
+class PromptTuning(VirtualTokens):
+    name = "prompt_tuning"
+    peft_type = "PROMPT_TUNING"
+    summary = "n learned input embeddings prepended to every sequence (Lester et al.)"
+    Options = PromptTuningOptions
+    training_only = frozenset({"init", "tokenizer_name_or_path"})
+
+    def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
+        o, n = self.opts, self.n
+        emb = backbone(model).get_input_embeddings().weight
+        if o.init == "random":  # scaled like the vocabulary (HF PEFT's N(0, 1) dwarfs real embeddings)
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            value = torch.randn(n, emb.shape[1], generator=gen) * emb.float().std().item()
+        else:
+            if o.init == "sample_vocab":
+                ids = torch.randint(0, emb.shape[0], (n,))
+            else:
+                ids = torch.tensor((self._text_ids(model, o.init.text) * n)[:n])
+            value = emb.detach()[ids.to(emb.device)].float()
+        return Direct(value.to(**factory))
+
+    def _text_ids(self, model: nn.Module, text: str) -> list[int]:
+        from transformers import AutoTokenizer
+
+        name = self.opts.tokenizer_name_or_path or getattr(model, "name_or_path", None)
+        if not name:
+            raise UserError("method.init.text needs a tokenizer: set method.tokenizer_name_or_path")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"method.init.text: cannot load the tokenizer {name} ({str(exc).splitlines()[0]}); "
+                            "set method.tokenizer_name_or_path") from None
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"method.init.text: {text!r} gives no tokens")
+        return ids * math.ceil(self.n / len(ids))
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
+        init = self.opts.init
+        return {**super().adapter_config(model, base_name),
+                "prompt_tuning_init": "TEXT" if isinstance(init, PromptText) else init.upper(),
+                "prompt_tuning_init_text": init.text if isinstance(init, PromptText) else None,
+                "tokenizer_name_or_path": self.opts.tokenizer_name_or_path, "tokenizer_kwargs": None}
+
+    def saved_options(self):
+        return self.opts.model_copy(update={"init": "random"})  # the stored prompts need no tokenizer to reload
+
+    @classmethod
+    def from_adapter_config(cls, cfg: dict) -> MethodOptions:
+        return cls.Options(num_virtual_tokens=cfg["num_virtual_tokens"], modules_to_save=_heads(cfg))
+
+
+@register
+class PTuning(VirtualTokens):
+    name = "p_tuning"
+    peft_type = "P_TUNING"
+    summary = "input prompts produced by an MLP or BiLSTM+MLP encoder; only the prompts are kept (Liu et al.)"
+    Options = PTuningOptions
+    training_only = frozenset({"encoder", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"})
+
+    def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
+        o, d = self.opts, dims(model)["d"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return PromptEncoder(self.n, d, o.encoder_hidden_size or d, o.encoder, o.encoder_num_layers, o.encoder_dropout, **factory)
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
+        o = self.opts
+        return {**super().adapter_config(model, base_name), "encoder_reparameterization_type": o.encoder.upper(),
+                "encoder_hidden_size": o.encoder_hidden_size or dims(model)["d"], "encoder_num_layers": o.encoder_num_layers,
+                "encoder_dropout": o.encoder_dropout}
+
+    @classmethod
+    def from_adapter_config(cls, cfg: dict) -> MethodOptions:
+        kind = str(cfg.get("encoder_reparameterization_type") or "MLP").lower()
+        return cls.Options(num_virtual_tokens=cfg["num_virtual_tokens"], encoder=kind, modules_to_save=_heads(cfg))
+
+
+@register
+class PrefixTuning(VirtualTokens):
+    name = "prefix_tuning"
+    peft_type = "PREFIX_TUNING"
+    summary = "learned keys/values prepended in every attention layer, trained through an MLP (Li & Liang)"
+    Options = PrefixTuningOptions
+    kind = "prefix"
+    training_only = frozenset({"projection", "encoder_hidden_size"})
+
+    def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
+        o, g = self.opts, dims(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if o.projection:
+                return PrefixMLP(self.n, g["kv_dim"], o.encoder_hidden_size, self.width(model), **factory)
+            return Direct(torch.randn(self.n, self.width(model), **factory))  # nn.Embedding's init, as HF PEFT
+
+    def peft_fields(self, model: nn.Module) -> dict[str, Any]:
+        g = dims(model)  # HF PEFT sizes prefixes by the key/value heads (grouped-query attention)
+        return {**super().peft_fields(model), "token_dim": g["kv_dim"], "num_attention_heads": g["kv_heads"]}
+
+    def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
+        return {**super().adapter_config(model, base_name), "encoder_hidden_size": self.opts.encoder_hidden_size,
+                "prefix_projection": self.opts.projection}
+
+    @classmethod
+    def from_adapter_config(cls, cfg: dict) -> MethodOptions:
+        return cls.Options(num_virtual_tokens=cfg["num_virtual_tokens"], projection=bool(cfg.get("prefix_projection")),
+                           encoder_hidden_size=cfg.get("encoder_hidden_size") or 512, modules_to_save=_heads(cfg))
+
+
+def _heads(cfg: dict) -> list[str] | None:
+    return cfg.get("modules_to_save") or None
