@@ -17,7 +17,7 @@ app = typer.Typer(
     name="peftcli",
     help="Parameter-efficient fine-tuning from a YAML recipe, merged back into the base with no latency.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, powershell)
     pretty_exceptions_enable=False,
 )
 console = Console()
@@ -303,6 +303,152 @@ def methods(as_json: JsonOpt = False):
         table.add_row(r["name"], r["family"], "yes" if r["mergeable"] else "no", r["peft_type"] or "-", r["summary"],
                       ", ".join(f"{k}={v}" for k, v in r["options"].items()))
     console.print(table)
+
+
+# ---------------------------------------------------------------- the practitioner's commands (logic in their own modules)
+MetricsOut = Annotated[Path | None, typer.Option("--output", "-o", help="also write the JSON to this file")]
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    target: Annotated[str, typer.Argument(help="adapter directory (any method) or model directory (merged, base)")],
+    data: Annotated[Path, typer.Option("--data", help="data file in a training format (jsonl, json, csv, tsv, parquet)")],
+    format: Annotated[str | None, typer.Option("--format", help="text | alpaca | chat | classification (default: the "
+                                               "training recipe's; classification for seq-cls)")] = None,
+    metrics: Annotated[str | None, typer.Option(help="comma-separated: loss, accuracy, exact_match, json_match "
+                                                "(default: loss,accuracy for seq-cls; loss,exact_match for alpaca/chat)")] = None,
+    labels: Annotated[str | None, typer.Option(help="causal-LM accuracy: the label names an answer may start with "
+                                               "(default: the distinct references)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="evaluate the first N rows")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    base: BaseOpt = None,
+    output: MetricsOut = None,
+    as_json: JsonOpt = False,
+):
+    """Loss, accuracy and generation metrics (exact match, JSON match) of an adapter or a model on a data file."""
+    from peftcli.adapter_io import atomic_write
+    from peftcli.evaluate import evaluate
+
+    res = evaluate(target, str(data), format, metrics, base, batch_size, max_new_tokens, limit, labels)
+    if output is not None:
+        atomic_write(output, json.dumps(res, indent=2) + "\n")
+    if as_json:
+        return _print_json(res)
+    from rich.table import Table
+
+    table = Table(title=f"{res['kind']} {res['target']} ({res['method'] or res['task']}) on {res['data']} ({res['n']} rows, {res['format']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in res["metrics"].items():
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    for ex in res.get("examples", []):
+        console.print(f"  [dim]output:[/] {ex['output'][:100]!r}  [dim]reference:[/] {ex['reference'][:100]!r}", highlight=False)
+
+
+@app.command()
+@user_errors
+def generate(
+    target: Annotated[str, typer.Argument(help="adapter directory (any method) or model directory")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="one prompt")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="prompts: .jsonl of {prompt} / {instruction, input} / "
+                                              "{messages} rows, or a text file with one prompt per line")] = None,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="also answer with the base model; show both side by side")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    base: BaseOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Greedy answers to prompts, rendered with the training template (the chat template where the model has one), streamed."""
+    from peftcli.generate_cmd import run_generate
+
+    def header(i: int, text: str) -> None:
+        console.print(f"[bold]prompt {i + 1}:[/] {text.strip()[-200:]}", highlight=False)
+
+    rows = run_generate(target, prompt, str(file) if file else None, compare_base, max_new_tokens, batch_size, base,
+                        stream=None if as_json else header)
+    if as_json:
+        return _print_json(rows)
+    if compare_base:
+        from rich.table import Table
+
+        table = Table(title=f"{target} vs its base", show_lines=True)
+        for col in ("prompt", "base", "fine-tuned"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["prompt"].strip()[-200:], r["base_output"], r["output"])
+        console.print(table)
+
+
+@app.command()
+@user_errors
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe; its method section is replaced per run")],
+    methods: Annotated[str, typer.Option(help="comma-separated methods, e.g. lora,dora,ia3,bitfit,full")],
+    seeds: Annotated[int, typer.Option(min=1, help="runs per method, seeds train.seed, train.seed+1, ...")] = 1,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="sweep directory (default: sweeps/RECIPE_NAME)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key in every run (train.max_steps=100), or in "
+                                                   "one method's runs (lora:method.r=16); repeatable")] = None,
+    metric: Annotated[str | None, typer.Option(help="final metric to compare (default: eval_accuracy, generation_after, "
+                                               "eval_loss or train_loss, the first every run has)")] = None,
+    as_json: JsonOpt = False,
+):
+    """Train the recipe once per method (and seed), then compare: a table (metric, trainable %, stored bytes, peak
+    memory, wall time) as markdown and JSON, and a plot. Finished runs are skipped: rerun to resume a sweep."""
+    from peftcli.sweep import markdown, run_sweep
+
+    say = (lambda text: err_console.print(text, highlight=False)) if as_json else (lambda text: console.print(text, highlight=False))
+    res = run_sweep(recipe, methods, seeds, output, set_, metric, say=say)
+    if as_json:
+        _print_json(res)
+    elif res.get("summary"):
+        from rich.markdown import Markdown
+
+        console.print(Markdown(markdown(res["summary"], recipe.name)))
+        console.print(f"table {res['table']}, plot {res['plot']}, all results {res['output']}/sweep.json", highlight=False)
+    if res["failures"]:
+        _say_once(f"[bold red]{len(res['failures'])} run(s) failed:[/] " + "; ".join(_plain(Exception(f)) for f in res["failures"]))
+        raise typer.Exit(1)
+
+
+recipe_app = typer.Typer(help="Write a complete recipe, or check one without loading the model.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("new")
+@user_errors
+def recipe_new(
+    model: Annotated[str, typer.Option(help="model directory, hub id or demo alias (demo:smollm2, demo:minilm)")],
+    method: Annotated[str, typer.Option(help="method name (`peftcli methods`)")] = "lora",
+    task: Annotated[str | None, typer.Option(help="causal-lm | seq-cls (default: causal-lm)")] = None,
+    data: Annotated[str, typer.Option(help="training data file")] = "data/train.jsonl",
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="output.dir (default: runs/METHOD)")] = None,
+):
+    """Print a complete, commented recipe: every key with its default (from the recipe's own schema)."""
+    from peftcli.recipe_cmd import new_recipe
+
+    sys.stdout.write(new_recipe(model, method, task, data, output_dir))
+
+
+@recipe_app.command("check")
+@user_errors
+def recipe_check(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Validate a recipe (keys, values, method options, data files) without loading the model; print it resolved."""
+    import yaml
+
+    from peftcli.recipe_cmd import check_recipe
+
+    resolved = check_recipe(recipe, set_)
+    if as_json:
+        return _print_json(resolved)
+    err_console.print(f"[green]ok:[/] {recipe} is a valid recipe; resolved, with every default:", highlight=False)
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
 
 
 def main() -> None:

@@ -98,6 +98,8 @@ class TrainCfg(_Section):
         "ddp", description="under several processes: DDP (adapter replicated), FSDP2 (base sharded) or DeepSpeed ZeRO-2")
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON config (train.distributed: deepspeed)")
     log_every: int = Field(1, ge=1)
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="tensorboard: also log to RUN/tensorboard (needs the tensorboard package); metrics.jsonl is always written")
     seed: int = 42
     generation_eval: GenerationEval | None = None
 

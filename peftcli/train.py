@@ -107,6 +107,10 @@ class Trainer:
         tcfg, mcfg, out_dir = self.tcfg, self.mcfg, self.out_dir
         if not self.resume:
             check_output_dir(out_dir, self.overwrite)
+        if tcfg.report_to == "tensorboard":
+            from peftcli.report import require_tensorboard
+
+            require_tensorboard()
         if tcfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
         self.accelerator = acc = make_accelerator(tcfg.mixed_precision, tcfg.distributed, tcfg.deepspeed_config)
@@ -423,10 +427,15 @@ class Trainer:
                 summary.update(self._trim_metrics(metrics_path, step))
             self.say(f"resumed from {self.start_ckpt} at step {step} of {self.total_steps}")
 
+        from peftcli import report
+
+        reporter = report.Reporter(tcfg.report_to, out_dir, self.main)  # TensorBoard, when train.report_to asks
+
         def log(entry: dict) -> None:
             if self.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(entry) + "\n")
+                reporter.log(entry)
 
         gen_cfg = tcfg.generation_eval
         if gen_cfg and gen_cfg.before and data.eval_rows and self.main and step == 0:
@@ -486,6 +495,8 @@ class Trainer:
                 self.say(f"  [dim]output:[/]    {ex['output'][:120]}\n  [dim]reference:[/] {ex['reference'][:120]}")
         tensors = adapter_io.adapter_tensors(self.method, self.inner)
         if self.main:
+            reporter.close()
+            report.plot_curve(out_dir)  # before the model card, which shows it
             adapter_io.write_adapter(out_dir, self.method, self.inner, {**self.meta, "metrics": summary}, self.recipe_yaml, tensors)
             self.say(f"adapter written to [bold]{out_dir}[/] ({(out_dir / adapter_io.WEIGHTS).stat().st_size:,} bytes) "
                      f"in {train_time:.1f}s, {summary['tokens_per_s']:.0f} tokens/s")
