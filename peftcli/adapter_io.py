@@ -29,8 +29,7 @@ TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_
 # Which method reads an HF PEFT peft_type, and which peft_types load in HF PEFT, come from the registry
 # (Method.peft_type / peft_types / reads_peft_config). HF PEFT methods that no registered method reads
 # are named in the error instead of a bare "not supported":
-NOT_YET = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning",
-           "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
+NOT_YET = {"MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
 
 
 def _fsync_dir(path: Path) -> None:

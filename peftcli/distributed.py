@@ -117,10 +117,11 @@ def single_process_launch_warning() -> str | None:
 
 
 def label_count(example: dict) -> int:
-    """Loss terms one example contributes: its next-token targets (labels[1:]) or 1 for a class label."""
+    """Loss terms one example contributes: its next-token targets (labels[1:]), every target token of a
+    seq2seq example (the decoder predicts each one), or 1 for a class label."""
     labels = example["labels"]
     if isinstance(labels, list):
-        return sum(1 for t in labels[1:] if t != IGNORE)
+        return sum(1 for t in labels[0 if example.get("seq2seq") else 1:] if t != IGNORE)
     return 1
 
 

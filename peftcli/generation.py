@@ -28,15 +28,18 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     outputs: list[str] = []
+    # encoder-decoder (seq2seq): the prompt is the encoder's input, right-padded; the output is all new tokens
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         n = max(map(len, chunk))
-        # left padding, so every row's next token comes right after its prompt
-        ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=device)
+        # causal LMs: left padding, so every row's next token comes right after its prompt
+        padded = lambda real, fill: real + fill if seq2seq else fill + real  # noqa: E731
+        ids = torch.tensor([padded(p, [pad] * (n - len(p))) for p in chunk], device=device)
+        mask = torch.tensor([padded([1] * len(p), [0] * (n - len(p))) for p in chunk], device=device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+        outputs += tokenizer.batch_decode(gen if seq2seq else gen[:, n:], skip_special_tokens=True)
     model.train(was_training)
     return outputs
 
@@ -44,7 +47,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 def eval_format(data_cfg) -> str:
     """The format of the held-out rows: data.eval's, or data.train's when they come from data.eval_ratio
     (as data.prepare reads them)."""
-    return (data_cfg.eval or data_cfg.train).format or data_cfg.format
+    fmt = (data_cfg.eval or data_cfg.first_train).format or data_cfg.format
+    return "chat" if fmt == "sharegpt" else fmt  # ShareGPT rows are read into chat messages
 
 
 def check_generation_eval(recipe, prepared) -> None:
@@ -70,7 +74,7 @@ def check_generation_eval(recipe, prepared) -> None:
                     which = f"data.eval: {recipe.data.eval.path} row {i + 1}"
                 else:  # held out by eval_ratio: shuffled, so name the row by its start
                     first = messages[0].get("content") if messages and isinstance(messages[0], dict) else messages
-                    which = f"a row of {recipe.data.train.path} held out by data.eval_ratio (starting {one_line(repr(first), 60)})"
+                    which = f"a row of {recipe.data.first_train.path} held out by data.eval_ratio (starting {one_line(repr(first), 60)})"
                 raise UserError(f"train.generation_eval: {which} does not end with an assistant message, the reference "
                                 "to score against; end every eval conversation with the assistant's reply, or remove "
                                 "train.generation_eval")
@@ -79,7 +83,7 @@ def check_generation_eval(recipe, prepared) -> None:
 def generation_eval(model, tokenizer, data_cfg, rows: list[dict], cfg) -> dict:
     fmt = eval_format(data_cfg)
     rows = rows[: cfg.samples]
-    renderer = Renderer(tokenizer, data_cfg)
+    renderer = Renderer(tokenizer, data_cfg, "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal-lm")
     prompts = [renderer.prompt_ids(r, fmt) for r in rows]
     refs = [r["messages"][-1]["content"] if fmt == "chat" else r["output"] for r in rows]
     outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)

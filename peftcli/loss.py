@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftcli.errors import UserError
 from peftcli.kernels import fuse_swiglu, linear_cross_entropy
 
 IGNORE = -100
@@ -65,6 +66,19 @@ def supports_selective_head(model: nn.Module) -> bool:
     return base is not model and callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None
 
 
+def packing_problem(model: nn.Module, task: str = "causal-lm") -> str | None:
+    """Why data.packing cannot run on this model (None if it can): packed rows need attention per segment,
+    which the padding-free path gives only where position_ids reach the attention layers."""
+    kind = getattr(model.config, "model_type", None)
+    if not getattr(model, PADDING_FREE_MARK, True):
+        return "data.packing: the method adds virtual tokens to each sequence, which packed rows would share; set data.packing: false"
+    if task == "causal-lm" and supports_selective_head(model) and kind in PADDING_FREE_TYPES \
+            and getattr(model.config, "_attn_implementation", None) in ("sdpa", SEGMENT_ATTENTION):
+        return None
+    return (f"data.packing: needs a causal LM whose attention keeps packed rows apart ({', '.join(sorted(PADDING_FREE_TYPES))} "
+            f"with sdpa attention); this model is {kind!r}; set data.packing: false")
+
+
 class LossModel(nn.Module):
     def __init__(self, model: nn.Module, task: str):
         super().__init__()
@@ -78,14 +92,19 @@ class LossModel(nn.Module):
             _register_segment_attention()
             model.set_attn_implementation(SEGMENT_ATTENTION)  # padded batches still go to SDPA
 
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean loss over label tokens, logits for seq-cls else None)."""
+    def forward(self, input_ids, attention_mask, labels, position_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss over label tokens, logits for seq-cls else None). position_ids: a packed row (data.packing),
+        rows concatenated, positions restarting at each: the padding-free path without the flattening."""
         if not self.selective:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return out.loss, out.logits if labels.dim() == 1 else None
         targets = torch.full_like(labels, IGNORE)
         targets[:, :-1] = labels[:, 1:]  # next-token targets, aligned with the positions that predict them
-        if self.padding_free and not bool(attention_mask.all()):
+        if position_ids is not None:
+            if not self.padding_free:
+                raise UserError(packing_problem(self.model))
+            hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        elif self.padding_free and not bool(attention_mask.all()):
             real = attention_mask.bool()
             positions = (attention_mask.cumsum(-1) - 1)[real][None]
             hidden = self.model.base_model(input_ids=input_ids[real][None], position_ids=positions, use_cache=False).last_hidden_state[0]

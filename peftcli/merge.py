@@ -91,7 +91,9 @@ def load_adapted(path: str | Path, base: str | None = None, dtype: str | None = 
 
 @torch.no_grad()
 def probe_logits(model, tokenizer) -> torch.Tensor:
-    enc = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
+    enc = dict(tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True))
+    if getattr(model.config, "is_encoder_decoder", False):  # seq2seq: the decoder reads the probe back, teacher-forced
+        enc["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=enc["input_ids"])
     device = next(model.parameters()).device
     return model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu()
 

@@ -73,8 +73,6 @@ def load_tokenizer(cfg: ModelCfg):
 
 def load_model(cfg: ModelCfg, tokenizer=None, num_labels: int | None = None, label_names: list[str] | None = None,
                dtype: str | None = None, seed: int = 0) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     path, gguf = resolve_path(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg)
     dtype = dtype or cfg.dtype
@@ -84,9 +82,7 @@ def load_model(cfg: ModelCfg, tokenizer=None, num_labels: int | None = None, lab
     if cfg.task == "seq-cls":
         labels = label_names or [str(i) for i in range(num_labels or cfg.num_labels or 2)]
         kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-        loader = AutoModelForSequenceClassification
-    else:
-        loader = AutoModelForCausalLM
+    loader = model_class_for(cfg.task)
     # Seeded, so a freshly initialised head is reproducible, without disturbing the caller's RNG.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -118,9 +114,9 @@ def fingerprint(model: nn.Module, exclude: list[str] | tuple = ()) -> str:
 
 
 def model_class_for(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+    return {"seq-cls": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(task, AutoModelForCausalLM)
 
 
 def quiet_transformers() -> None:

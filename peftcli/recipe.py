@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,36 +33,76 @@ class _Section(BaseModel):
 class ModelCfg(_Section):
     name_or_path: str = Field(description="transformers model dir, hub id, or a demo alias (demo:smollm2, demo:minilm)")
     gguf_file: str | None = None
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    task: Literal["causal-lm", "seq-cls", "seq2seq"] = Field(
+        "causal-lm", description="seq2seq: encoder-decoder models (T5, BART); loss on the target, generation-based eval")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     num_labels: int | None = Field(None, description="seq-cls only; inferred from the data when null")
     trust_remote_code: bool = False
 
 
+FORMATS = Literal["text", "alpaca", "chat", "sharegpt", "classification"]
+
+
+class ShareGPTTags(_Section):
+    """Keys and role tags of ShareGPT-style conversations (LLaMA-Factory's dataset_info `tags`)."""
+
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    system_tag: str = "system"
+    observation_tag: str = Field("observation", description="tool results; rendered with role 'tool'")
+    function_tag: str = Field("function_call", description="the model's tool calls; rendered as assistant turns (trained on)")
+
+
 class DataFile(_Section):
     path: str
-    format: Literal["text", "alpaca", "chat", "classification"] | None = None
+    format: FORMATS | None = None
     split: str = "train"
-    text_column: str | None = None
-    label_column: str = "label"
+    config: str | None = Field(None, description="hub datasets: the configuration name (path: glue, config: sst2)")
+    columns: dict[str, str] | None = Field(
+        None, description="peftcli role -> this file's column: prompt, query, response, system, messages, text, label "
+        "(e.g. {prompt: question, response: answer} for GSM8K)")
+    tags: ShareGPTTags = ShareGPTTags()
+    text_column: str | None = Field(None, description="same as columns.text (kept for older recipes)")
+    label_column: str = Field("label", description="same as columns.label (kept for older recipes)")
+    weight: float = Field(1.0, gt=0, description="in a list of train files: repeat factor (2 = every row twice, "
+                          "0.5 = a seeded half of the rows)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
 
+# one file or a list; tagged by the input's shape so an error names the key inside (data.train.1.path),
+# not the union ("expected DataFile or list[DataFile]")
+TrainFiles = Annotated[Annotated[DataFile, Tag("one-file")] | Annotated[list[DataFile], Field(min_length=1), Tag("file-list")],
+                       Discriminator(lambda v: "file-list" if isinstance(v, list) else "one-file")]
+
+
 class DataCfg(_Section):
-    train: DataFile
+    train: TrainFiles = Field(description="one file, or a list of files mixed by their weight")
     eval: DataFile | None = None
     eval_ratio: float | None = Field(None, gt=0, lt=1)
-    format: Literal["text", "alpaca", "chat", "classification"] = "alpaca"
+    format: FORMATS = "alpaca"
     template: Literal["auto", "chat", "alpaca"] = "auto"
     system_prompt: str | None = None
     max_length: int = Field(512, ge=8)
     padding: Literal["longest", "max_length"] = Field("longest", description="pad each batch to its longest row, or always to max_length")
+    packing: bool = Field(False, description="causal LMs: concatenate training rows into max_length blocks, attention "
+                          "kept inside each row (llama, mistral, qwen2, qwen3)")
 
     @model_validator(mode="after")
     def _one_eval_source(self):
         if self.eval is not None and self.eval_ratio is not None:
             raise ValueError("give either data.eval or data.eval_ratio, not both")
         return self
+
+    @property
+    def train_files(self) -> list[DataFile]:
+        return self.train if isinstance(self.train, list) else [self.train]
+
+    @property
+    def first_train(self) -> DataFile:
+        """The (first) training file: its format stands for the training data in checks and messages."""
+        return self.train_files[0]
 
 
 class GenerationEval(_Section):
@@ -212,12 +254,16 @@ def _fields_at(model_cls, loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+# parts of a pydantic error loc that are not keys: validator wrappers and the tags of TrainFiles' branches
+_TRANSPARENT = ("function-", "one-file", "file-list")
+
+
 def _split_loc(loc: tuple, data: Any, missing: bool) -> tuple[tuple, str | None]:
     """Split a pydantic error loc into the key path the user wrote and the first union branch pydantic
     adds after it ('str', 'list[str]', a model name, ...; these were once told apart by a capital letter,
     which also dropped capitalised user keys). A part is a key only where the input has it (or, for a
     missing key, where it is the last part); the key path stops at the first branch."""
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(_TRANSPARENT)))
     path, node = [], data
     for i, part in enumerate(loc):
         if isinstance(node, dict) and part in node:
@@ -256,7 +302,7 @@ def _format_errors(err: ValidationError, model_cls, lines: dict, source: str, pr
     """The first validation error as one line: where (file:line or --set), the key path, the problem."""
     errors = err.errors()
     if data is None:  # no input to tell keys from union branches: the loc as pydantic gives it
-        split = [(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))), None) for e in errors]
+        split = [(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(_TRANSPARENT))), None) for e in errors]
     else:
         split = [_split_loc(e["loc"], data, e["type"] == "missing") for e in errors]
     e, (path, branch) = errors[0], split[0]
@@ -364,13 +410,13 @@ def generation_eval_problem(recipe: Recipe) -> str | None:
     if recipe.train.generation_eval is None:
         return None
     data = recipe.data
-    if recipe.model.task != "causal-lm":
+    if recipe.model.task == "seq-cls":
         return (f"generates text, which a {recipe.model.task} model cannot do; remove train.generation_eval "
                 "(eval_every reports accuracy for seq-cls)")
     if data.eval is None and data.eval_ratio is None:
         return "needs held-out rows; set data.eval (a file) or data.eval_ratio, or remove train.generation_eval"
-    fmt = (data.eval or data.train).format or data.format
-    if fmt not in ("alpaca", "chat"):
+    fmt = (data.eval or data.first_train).format or data.format
+    if fmt not in ("alpaca", "chat", "sharegpt"):
         return (f"needs eval rows with a reference response (format alpaca or chat), but the eval data is format {fmt!r}; "
                 "remove train.generation_eval or use alpaca/chat data")
     return None

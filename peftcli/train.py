@@ -133,6 +133,11 @@ class Trainer:
         method.apply(model, mcfg.task, also_save=loaded.new_modules)
         if method.opts.init_from:  # continue an adapter (peftcli's or HF PEFT's): its tensors, before the optimizer
             adapter_io.continue_from(method, model, method.opts.init_from, base_fp)
+        if self.recipe.data.packing:
+            from peftcli.loss import packing_problem
+
+            if (problem := packing_problem(model, mcfg.task)) is not None:
+                raise UserError(problem)
         if tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
@@ -145,7 +150,9 @@ class Trainer:
         n_total = sum(p.numel() for p in model.parameters())
         eff = self.batches.global_size
         self.say(f"[bold]{method.name}[/] on {mcfg.name_or_path}: {n_train:,} trainable of {n_total:,} parameters "
-                 f"({100 * n_train / n_total:.4f}%), {len(data.train)} train / {len(data.eval or [])} eval examples"
+                 f"({100 * n_train / n_total:.4f}%), "
+                 + (f"{data.rows} train rows packed into {len(data.train)} blocks" if self.recipe.data.packing else f"{len(data.train)} train")
+                 + f" / {len(data.eval or [])} eval examples"
                  + (f", {data.dropped} rows dropped (prompt longer than data.max_length)" if data.dropped else "")
                  + f"; {self.world} process{'es' if self.world > 1 else ''} ({acc.distributed_type.value}, {acc.device.type}), "
                  f"effective batch {eff} = {tcfg.batch_size} per process x {self.world} x {tcfg.grad_accum} accumulation")
