@@ -15,7 +15,11 @@ def export_peft(adapter_path: str | Path, output: str | Path, overwrite: bool = 
     adapter = adapter_io.read_adapter(adapter_path)
     peft_type = adapter.config.get("peft_type")
     if not adapter_io.loads_in_peft(peft_type):
-        raise UserError(f"{adapter.path}: a {peft_type} adapter has no HF PEFT layout; use `peftcli export --format merged`")
+        method = adapter_io.method_for(adapter)
+        how = ("use `peftcli export --format merged`" if method.mergeable else
+               "deploy the adapter directory with peftcli" + (", or `peftcli merge --partial` (the mergeable parts folded in)"
+                                                              if any(p.mergeable for p in getattr(method, "parts", [])) else ""))
+        raise UserError(f"{adapter.path}: a {peft_type} adapter has no HF PEFT layout; {how}")
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite or choose another directory")

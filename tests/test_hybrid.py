@@ -91,29 +91,67 @@ def test_hybrid_trains_and_stores_its_parts(prefix_lora):
     assert all(k.startswith(("part0.", "part1.")) for k in keys)
 
 
-def test_save_load_gives_identical_logits(tmp_path, tiny_llama_dir):
+MAM = {"name": "mam", "prefix_length": 3, "prefix_hidden": 8, "bottleneck": 4}
+
+
+def saved_adapter(directory: Path, model_dir: Path, options):
+    """`options` applied to the model in `model_dir`, moved away from init, written as an adapter directory;
+    returns (method, model)."""
     from peftcli import adapter_io
-    from peftcli.merge import load_adapted
     from peftcli.models import fingerprint, load_model
     from peftcli.recipe import ModelCfg
 
-    loaded = load_model(ModelCfg(name_or_path=str(tiny_llama_dir)))
+    loaded = load_model(ModelCfg(name_or_path=str(model_dir)))
     fp = fingerprint(loaded.model)
-    method = build_method(hybrid_options([PREFIX, LORA, {"name": "ia3", "target_modules": ["down_proj"]}]))
+    method = build_method(options)
     method.apply(loaded.model)
     torch.manual_seed(1)
     with torch.no_grad():  # away from init, so a part that failed to load would show
         for p in loaded.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
+    adapter_io.write_adapter(directory, method, loaded.model,
+                             {"base": {"name_or_path": str(model_dir), "task": "causal-lm", "fingerprint": fp}})
+    return method, loaded.model.eval()
+
+
+@pytest.mark.parametrize("options", [hybrid_options([PREFIX, LORA, {"name": "ia3", "target_modules": ["down_proj"]}]), MAM],
+                         ids=["prefix+lora+ia3", "mam"])
+def test_save_load_gives_identical_logits(tmp_path, tiny_llama_dir, options):
+    from peftcli.merge import load_adapted
+    from peftcli.models import load_model
+    from peftcli.recipe import ModelCfg
+
+    _, model = saved_adapter(tmp_path / "a", tiny_llama_dir, options)
     ids = torch.randint(5, 1000, (2, 9))
-    before = loaded.model.eval()(input_ids=ids).logits
-    adapter_io.write_adapter(tmp_path / "a", method, loaded.model,
-                             {"base": {"name_or_path": str(tiny_llama_dir), "task": "causal-lm", "fingerprint": fp}})
+    before = model(input_ids=ids).logits
     after = load_adapted(tmp_path / "a").loaded.model(input_ids=ids).logits
     assert torch.equal(before, after)
     base = load_model(ModelCfg(name_or_path=str(tiny_llama_dir))).model.eval()(input_ids=ids).logits
     assert not torch.allclose(base, after, atol=1e-3)
+
+
+def test_mam_is_prefix_plus_parallel_adapter_with_the_papers_defaults(tmp_path, tiny_llama_dir):
+    from peftcli.methods.hybrid import MAMOptions
+
+    o = MAMOptions()
+    assert (o.prefix_length, o.prefix_hidden, o.bottleneck, o.scale) == (30, 800, 512, 4.0)  # He et al. 2021
+    method, model = saved_adapter(tmp_path / "mam", tiny_llama_dir, MAM)
+    prefix, parallel = method.parts
+    assert (prefix.name, prefix.opts.num_virtual_tokens, prefix.opts.encoder_hidden_size) == ("prefix_tuning", 3, 8)
+    assert (parallel.name, parallel.opts.bottleneck, parallel.opts.scale, parallel.opts.placement) == ("parallel", 4, 4.0, ["ffn"])
+    n, h, kv, layers, d, r = 3, 8, 16, 2, 32, 4
+    prefix_count = n * kv + (kv * h + h) + (h * layers * 2 * kv + layers * 2 * kv)  # P', MLP (trained; only its output kept)
+    parallel_count = layers * (d * r + r + r * d + d)  # W_down, b_down, W_up, b_up at each FFN
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == prefix_count + parallel_count
+    heads, head_dim = 4, 8
+    assert method.describe(model)["added_flops_per_token"] == (4 * n * heads * head_dim * layers
+                                                               + layers * (4 * d * r + 2 * r + 2 * d))
+    out = tmp_path / "merged"
+    for extra in ((), ("--partial",)):
+        line = one_error_line(invoke("merge", tmp_path / "mam", "-o", out, *extra))
+        assert "method 'mam' adds virtual keys/values and parallel adapters that cannot be folded" in line, line
+        assert "deploy the adapter directory unmerged" in line and not out.exists()
 
 
 def test_param_count_is_the_sum_of_the_parts_formulas():
@@ -154,6 +192,9 @@ def test_merge_refuses_and_partial_merge_is_equivalent(prefix_lora, tmp_path, ti
     line = one_error_line(invoke("merge", prefix_lora, "-o", out))
     assert "method.0 (prefix_tuning) cannot be folded into the base weights; pass --partial" in line, line
     assert not out.exists() and not list(tmp_path.iterdir())
+    line = one_error_line(invoke("export", prefix_lora, "--format", "peft", "-o", out))
+    assert "a HYBRID adapter has no HF PEFT layout; deploy the adapter directory with peftcli, or `peftcli merge --partial`" in line
+    assert not out.exists()
     result = invoke("merge", prefix_lora, "-o", out, "--partial", "--json")
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)

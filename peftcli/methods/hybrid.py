@@ -344,3 +344,33 @@ def _restore(hidden: list[tuple[nn.Module, str, nn.Module]]) -> None:
             setattr(parent, child, module)
         else:
             parent.add_module(child, module)
+
+
+class MAMOptions(MethodOptions):
+    name: Literal["mam"] = "mam"
+    prefix_length: int = Field(30, ge=1, le=1024, description="virtual keys/values prepended in every layer's attention")
+    prefix_hidden: int = Field(800, ge=1, description="width of the prefix's MLP reparameterisation (training only)")
+    bottleneck: int = Field(512, ge=1, description="size r of the parallel adapter at the FFN")
+    scale: float = Field(4.0, description="s: the parallel adapter's output is multiplied by s")
+
+
+@register
+class MAM(Hybrid):
+    """Two fixed parts built from MAM's own options: `prefix_tuning` then `parallel` at the FFN."""
+
+    name = "mam"
+    summary = "prefix tuning in attention + scaled parallel adapter at the FFN (He et al. 2021's MAM)"
+    Options = MAMOptions
+    peft_label = "MAM"
+
+    def part_options(self) -> list[MethodOptions]:
+        o = self.opts
+        return [get_method("prefix_tuning").Options(num_virtual_tokens=o.prefix_length, encoder_hidden_size=o.prefix_hidden),
+                get_method("parallel").Options(bottleneck=o.bottleneck, scale=o.scale, placement=["ffn"])]
+
+    def part_key(self, i: int) -> str:
+        return "method"  # the user wrote mam's options, not the parts'
+
+    def merge_refusal(self) -> str:
+        return ("method 'mam' adds virtual keys/values and parallel adapters that cannot be folded into the base weights; "
+                "deploy the adapter directory unmerged with peftcli (train/eval/generate/inspect read it)")
