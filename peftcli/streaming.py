@@ -32,7 +32,8 @@ from peftcli.shards import ALIGN, MappedFile, OutEntry, ShardWriter, TensorInfo,
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STREAMABLE = ("lora", "dora", "ia3", "adalora", "bitfit", "hiwi")  # hiwi: its bias form only
+STREAMABLE = ("lora", "dora", "ia3", "adalora", "bitfit", "hiwi",  # hiwi: its bias form only
+              "pafi", "fish", "lt_sft", "child_tuning")
 
 
 # ---------------------------------------------------------------- per-tensor merges
@@ -93,6 +94,18 @@ def adalora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Te
     return delta.add_(w.float()).to(w.dtype)
 
 
+def sparse_merge(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """Selected entries (flat positions in the stored layout) = base + values, the others untouched
+    (SparseDeltaLinear.sync); indices None: a dense delta (Child-Tuning F). A new tensor: `w` may be a
+    view of the mapped base file."""
+    if indices is None:
+        return (w.float() + values.float().view_as(w)).to(w.dtype)
+    out = w.clone()
+    flat = out.view(-1)
+    flat[indices] = (flat[indices].float() + values.float()).to(w.dtype)
+    return out
+
+
 @dataclass
 class Edit:
     """How the merge changes one base tensor: `replace` (a stored value: modules_to_save, BitFit and
@@ -114,8 +127,10 @@ def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Ed
     from peftcli.methods.hiwi import HiWi, HiwiLinear
     from peftcli.methods.ia3 import IA3, IA3Linear
     from peftcli.methods.lora import LoRA, LoraLinear
+    from peftcli.methods.sparse import SparseDeltaLinear, SparseMethod
 
     wrapper_of = {LoRA: LoraLinear, DoRA: DoraLinear, IA3: IA3Linear, AdaLoRA: SVDLinear, HiWi: HiwiLinear, BitFit: None}
+    wrapper_of.update({type(method): SparseDeltaLinear} if isinstance(method, SparseMethod) else {})
     if type(method) not in wrapper_of:
         return f"method {method.name!r} has no per-tensor merge"
     used: set[str] = set()
@@ -143,6 +158,12 @@ def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Ed
             fn = functools.partial(ia3_weight_merge, scale=scale, fan_in_fan_out=w.fan_in_fan_out)
             if not w.is_feedforward and w.base_layer.bias is not None:
                 edits[f"{path}.bias"] = Edit("modify", fn=functools.partial(ia3_bias_merge, scale=scale))
+        elif type(w) is SparseDeltaLinear:
+            if w.dense:
+                fn = functools.partial(sparse_merge, values=t(f"{k}.sparse_delta"), indices=None)
+            else:
+                used.add(f"{k}.sparse_indices")
+                fn = functools.partial(sparse_merge, values=t(f"{k}.sparse_values"), indices=stored[f"{k}.sparse_indices"].long())
         elif type(w) is HiwiLinear and w.form == "bias":
             # the stored b' replaces b; the loaded layer computes b' + f(b' W_down) 0 = b' exactly
             edits[f"{path}.bias"] = Edit("replace", value=t(f"{k}.bias"))
@@ -150,7 +171,7 @@ def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Ed
         else:
             return f"HiWi's {w.form} form has no per-tensor merge"
         edits[weight] = Edit("modify", fn=fn)
-    replaced = [f"{p}.bias" for p in getattr(method, "bias_paths", [])] if type(method) is BitFit else []
+    replaced = [f"{p}.bias" for p in getattr(method, "bias_paths", [])]  # BitFit's, sparse methods' train_bias
     for path in method.saved_modules:
         replaced += [f"{path}.{local}" for local, _ in model.get_submodule(path).named_parameters()]
     for name in replaced:

@@ -39,6 +39,8 @@ def make_adapter(out: Path, base: Path, arch: str, opts: dict, task: str | None 
     fp = fingerprint(model)
     method = build_method(opts)
     method.apply(model, task)
+    if opts.get("mode") == "f":  # Child-Tuning F installs its dense deltas at the start of training
+        method.install(model, None)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -93,6 +95,10 @@ CASES = {
     "bert-lora-classifier": ("bert", {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}, None),
     "bert-bitfit": ("bert", {"name": "bitfit"}, None),
     "bert-hiwi-bias": ("bert", {"name": "hiwi"}, None),
+    "llama-pafi": ("llama", {"name": "pafi", "density": 0.05}, None),
+    "gpt2-pafi-conv1d-bias": ("gpt2", {"name": "pafi", "density": 0.05, "train_bias": True, "scope": "per_tensor"}, None),
+    "bert-pafi-pooler": ("bert", {"name": "pafi", "density": 0.05}, None),
+    "llama-child-tuning-f": ("llama", {"name": "child_tuning", "mode": "f"}, None),
 }
 
 

@@ -167,7 +167,8 @@ class SparseDeltaLinear(AdapterModule):
         # the mask in CSR form over the weight's storage layout (indices are sorted: row-major order)
         rows = self.sparse_indices // w.shape[1]
         crow = torch.zeros(w.shape[0] + 1, dtype=torch.long, device=w.device)
-        crow[1:] = torch.bincount(rows, minlength=w.shape[0]).cumsum(0)
+        if not w.is_meta:  # the streaming merge's skeleton needs the shapes only
+            crow[1:] = torch.bincount(rows, minlength=w.shape[0]).cumsum(0)
         self.register_buffer("sparse_crow", crow, persistent=False)
         self.register_buffer("sparse_col", self.sparse_indices % w.shape[1], persistent=False)
         self._synced: tuple | None = None
@@ -275,8 +276,13 @@ class SparseMethod(Method):
             self.eligible += [h for h in HEADS if is_linear(getattr(model, h, None) or nn.Identity())]
         if o.train_bias:
             self.bias_paths = [p for p in self.eligible if isinstance(getattr(model.get_submodule(p), "bias", None), nn.Parameter)]
-        if not self.needs_data:
+        if not self._mask_later(model):
             self.install(model, self.scores(model))
+
+    def _mask_later(self, model: nn.Module) -> bool:
+        """The mask comes from the data (before_training) or, on a meta-device skeleton (the streaming
+        merge's plan), from the stored indices (load_state_dict)."""
+        return self.needs_data or next(model.parameters()).is_meta
 
     def apply(self, model: nn.Module, task: str = "causal-lm", also_save=()) -> nn.Module:
         if task == "seq-cls" and self.opts.train_head:
@@ -292,7 +298,7 @@ class SparseMethod(Method):
         return model
 
     def check_trainable(self, model: nn.Module) -> None:
-        if not self.needs_data:
+        if not self._mask_later(model):
             super().check_trainable(model)
 
     def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
