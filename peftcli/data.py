@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from peftcli.errors import UserError, one_line
-from peftcli.recipe import DataCfg, DataFile
+from peftcli.recipe import DataCfg, DataFile, ShareGPTTags
 
 IGNORE = -100
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -181,7 +181,7 @@ def _check_columns(ds, fmt: str, df: DataFile, key: str) -> None:
 def sharegpt_to_chat(ds, df: DataFile, key: str):
     """ShareGPT rows ({from, value} turns under `conversations`, an optional `system` column) as chat
     `messages`; an unknown role tag names the file, row and turn."""
-    t = df.tags
+    t = df.tags or ShareGPTTags()
     roles = {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool",
              t.user_tag: "user", t.assistant_tag: "assistant", t.system_tag: "system",
              t.observation_tag: "tool", t.function_tag: "assistant"}

@@ -63,7 +63,7 @@ class DataFile(_Section):
     columns: dict[str, str] | None = Field(
         None, description="peftcli role -> this file's column: prompt, query, response, system, messages, text, label "
         "(e.g. {prompt: question, response: answer} for GSM8K)")
-    tags: ShareGPTTags = ShareGPTTags()
+    tags: ShareGPTTags | None = Field(None, description="format sharegpt: role/content keys and role tags (defaults: from, value, human, gpt, ...)")
     text_column: str | None = Field(None, description="same as columns.text (kept for older recipes)")
     label_column: str = Field("label", description="same as columns.label (kept for older recipes)")
     weight: float = Field(1.0, gt=0, description="in a list of train files: repeat factor (2 = every row twice, "

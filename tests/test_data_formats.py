@@ -210,7 +210,7 @@ def summed_loss_and_grads(model, batches):
         mean, _ = lm(**batch)
         part = mean * n
         part.backward()
-        total += float(part)
+        total += float(part.detach())
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -329,6 +329,11 @@ def test_seq2seq_lora_trains_evaluates_by_generation_and_merges(tmp_path, tiny_t
         b = full(input_ids=ids, decoder_input_ids=dec).logits
         base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)(input_ids=ids, decoder_input_ids=dec).logits
     assert merged is not None and torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-3)
+    from peft import PeftModel  # the adapter directory is HF PEFT's SEQ_2_SEQ_LM layout
+
+    peft_model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids, decoder_input_ids=dec).logits, a, atol=1e-5)
 
 
 def test_seq2seq_ia3_trains(tiny_t5_dir):
