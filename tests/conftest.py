@@ -82,6 +82,64 @@ def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0, init: float = 
     # logits with some spread, so a few LoRA steps can visibly learn
 
 
+# ---------------------------------------------------------------- method tests: tiny models with a small vocabulary
+VOCAB = 128
+IDS = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
+ARCH_TASK = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "seq-cls"}
+
+
+def make(arch: str, seed: int = 0):
+    """A tiny random Llama / GPT-2 (causal LM) or BERT (sequence classifier) with a 128-token vocabulary, no
+    dropout, and random biases (pretrained models have non-zero biases; HiWi's bias form and DoRA/IA3's bias
+    paths feed on them)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                           eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    elif arch == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def n_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def perturb(model, scale: float = 0.1, seed: int = 2, small: tuple[str, ...] = ("theta_d",)) -> None:
+    """Move every trainable parameter away from its init (a trained adapter, not a zero one); parameters whose
+    name contains one of `small` (SAID's theta_d, which moves every tensor at once) by scale / 4."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * (scale / 4 if any(k in name for k in small) else scale))
+
+
 def padded_lm_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) for tiny causal LMs: 3 rows of 12, two right-padded to different
     lengths, the first two positions of every row a masked prompt."""

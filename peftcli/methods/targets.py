@@ -58,6 +58,16 @@ def layer_index(name: str, patterns=None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def transformer_blocks(model: nn.Module, method: str = "this method") -> tuple[str, int]:
+    """(path, count) of the model's stack of transformer blocks: the longest ModuleList named like one
+    (LAYER_PATTERNS)."""
+    stacks = [(n, len(m)) for n, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in LAYER_PATTERNS and len(m)]
+    if not stacks:
+        raise UserError(f"method {method!r}: found no stack of transformer blocks in this model")
+    return max(stacks, key=lambda s: s[1])
+
+
 def _closest(entry: str, names: list[str]) -> str:
     short = sorted({n.rsplit(".", 1)[-1] for n in names if n} | set(names))
     close = difflib.get_close_matches(entry, short, n=3, cutoff=0.4)
