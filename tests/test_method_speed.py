@@ -86,3 +86,34 @@ def test_said_cached_gradients_equal_the_uncached_computation(monkeypatch, name)
     assert cached.keys() == plain.keys() and cached
     for k in cached:
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_dora_fast_forward_equals_the_paper_formula_and_tracks_w():
+    from torch import nn
+
+    from peftcli.methods.dora import DoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40)
+    layer = DoraLinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+        layer.lora_magnitude_vector.mul_(torch.rand(40) + 0.5)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    trained = [layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector]
+
+    def reference():
+        a, b, m, s = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.scaling
+        norm = torch.linalg.norm(base.weight + s * (b @ a), dim=1).detach()  # the paper's detached norm
+        return (m / norm) * (x @ base.weight.T + s * (x @ a.T) @ b.T) + base.bias
+
+    for _ in range(2):  # the second time with W changed in place: the cached ||W||^2 must follow
+        y, ref = layer(x), reference()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *trained], g)
+        want = torch.autograd.grad(ref, [x, *trained], g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            base.weight.mul_(1.5)
