@@ -271,6 +271,13 @@ class Hybrid(Method):
             return self.opts
         return self.opts.model_copy(update={"parts": [p.saved_options() for p in self.parts]})
 
+    def check_continuation(self, other: Method, model: nn.Module) -> str | None:
+        for i, (mine, theirs) in enumerate(zip(self.parts, getattr(other, "parts", []), strict=False)):
+            problem = mine.check_continuation(theirs, model) if mine.name == theirs.name else None
+            if problem:
+                return f"{self.part_key(i)}: {problem}"
+        return None
+
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.mergeable:
             raise UserError(self.merge_refusal())
