@@ -214,6 +214,21 @@ def test_peft_loads_ours_with_the_same_logits(arch, variant, tmp_path):
     torch.testing.assert_close(out(model, IDS, torch.ones_like(IDS)), ref, atol=1e-5, rtol=0)
 
 
+def test_peft_loads_ours_seq_cls_llama(tmp_path):
+    # (PEFT's prefix tuning refuses seq-cls models, and on BERT it pools the first virtual token where we pool [CLS])
+    from peft import PeftModel
+
+    base = tiny_model("llama", "seq-cls")
+    model = copy.deepcopy(base)
+    method = build_method(dict(VARIANTS["prompt"]))
+    method.apply(model, "seq-cls")
+    adapter_io.write_adapter(tmp_path, method, model.eval(), {"base": {"name_or_path": "tiny", "task": "seq-cls"}})
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    mask = torch.ones_like(IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, IDS, mask), theirs(input_ids=IDS, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
 def peft_config(kind: str):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
