@@ -264,6 +264,15 @@ def test_wrong_prompt_shape_is_a_user_error(tmp_path):
         method.load_state_dict(model, {KEY: torch.zeros(5, 32)})
 
 
+def test_learned_positions_budget_is_a_user_error():
+    from peftcli.errors import UserError
+
+    _, model, _ = applied("gpt2", "prefix")  # 128 learned positions, 4 taken by the virtual tokens
+    model(input_ids=torch.ones(1, 124, dtype=torch.long))
+    with pytest.raises(UserError, match="4 virtual tokens \\+ 125 tokens exceed the model's 128 positions"):
+        model(input_ids=torch.ones(1, 125, dtype=torch.long))
+
+
 # --------------------------------------------------------------------------- CLI
 def test_cli_trains_each_method_and_merge_refuses(tmp_path, tiny_llama_dir):
     import subprocess

@@ -206,6 +206,7 @@ class VirtualTokens(Method):
         self._strip = 0  # virtual positions the current backbone call prepended
         self._kv: torch.Tensor | None = None  # prefix keys/values of the current forward, (layers*2, kv_heads, n, head_dim)
         self._hooks: list = []
+        self._max_positions: int | None = None
 
     # ------------------------------------------------------------- injection
     def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
@@ -237,6 +238,11 @@ class VirtualTokens(Method):
                                 "use prompt_tuning or lora") from None
             for m in attn:
                 m.peftcli_prefix = (self, m.layer_idx)
+        # learned absolute positions (GPT-2, BERT) end at max_position_embeddings: the virtual tokens take n of them
+        cfg = model.config
+        limit = getattr(cfg, "max_position_embeddings", None)
+        self._max_positions = limit if any(isinstance(m, nn.Embedding) and m.num_embeddings == limit and m is not emb
+                                           for m in bb.modules()) else None
         setattr(model, PADDING_FREE_MARK, False)  # LossModel: no flattened (padding-free) batches
         self._hooks = [bb.register_forward_pre_hook(self._before, with_kwargs=True),
                        bb.register_forward_hook(self._after, with_kwargs=True)]
@@ -272,8 +278,11 @@ class VirtualTokens(Method):
             raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
         pos = kw.get("position_ids")
         inject = self.kind == "input" and past == 0  # with a cache, the virtual tokens are in it after the first step
+        real_past = past - n if self.kind == "input" and past else past
+        if self._max_positions and n + real_past + length > self._max_positions:
+            raise UserError(f"{self.name}: {n} virtual tokens + {real_past + length} tokens exceed the model's "
+                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
         if pos is None:
-            real_past = past - n if self.kind == "input" and past else past
             pos = _real_positions(mask, batch, length, real_past, device)
         pos = pos + n
         source = getattr(module, VIRTUAL)
