@@ -20,13 +20,14 @@ from peftcli.errors import UserError, did_you_mean
 
 METRICS = ("loss", "accuracy", "exact_match", "json_match")
 GENERATIVE = ("exact_match", "json_match")
+REFERENCED = ("alpaca", "chat", "sharegpt")  # formats whose rows carry a reference response
 
 
 def parse_metrics(text: str | None, task: str, fmt: str) -> list[str]:
     if not text:
         if task == "seq-cls":
             return ["loss", "accuracy"]
-        return ["loss", "exact_match"] if fmt in ("alpaca", "chat") else ["loss"]
+        return ["loss", "exact_match"] if fmt in REFERENCED else ["loss"]
     names = [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
         if m not in METRICS:
@@ -34,7 +35,7 @@ def parse_metrics(text: str | None, task: str, fmt: str) -> list[str]:
     generative = [m for m in names if m in GENERATIVE or (m == "accuracy" and task != "seq-cls")]
     if generative and task == "seq-cls":
         raise UserError(f"--metrics: {generative[0]} generates text, which a seq-cls model cannot do; use loss,accuracy")
-    if generative and fmt not in ("alpaca", "chat"):
+    if generative and fmt not in REFERENCED:
         raise UserError(f"--metrics: {generative[0]} needs rows with a reference response (format alpaca or chat), "
                         f"the data is format {fmt!r}; use --metrics loss")
     return names
@@ -77,8 +78,6 @@ def evaluate(target: str, data: str, fmt: str | None = None, metrics: str | None
              batch_size: int = 16, max_new_tokens: int = 64, limit: int | None = None, labels: str | None = None,
              examples: int = 3) -> dict:
     from peftcli.data import prepare
-    from peftcli.generation import METRICS as GEN_SCORE
-    from peftcli.generation import generate
     from peftcli.target import data_cfg, load_target
 
     t0 = time.perf_counter()
@@ -91,6 +90,8 @@ def evaluate(target: str, data: str, fmt: str | None = None, metrics: str | None
     fmt = cfg.train.format
     names = parse_metrics(metrics, t.task, fmt)
     prepared = prepare(cfg, t.tokenizer, t.task, label_names=t.label_names if t.task == "seq-cls" else None)
+    if names != ["loss"] and t.task != "seq-cls" and not prepared.eval_rows:
+        raise UserError(f"--data {data}: no rows with a reference response to generate against; use --metrics loss")
     rows = prepared.eval
     result: dict = {"target": t.source, "kind": t.kind, "method": t.method, "task": t.task, "data": str(data),
                     "format": fmt, "n": len(rows)}
@@ -100,29 +101,27 @@ def evaluate(target: str, data: str, fmt: str | None = None, metrics: str | None
         scores.update({k: v for k, v in la.items() if k in names})
     gen = [m for m in names if m in GENERATIVE or (m == "accuracy" and t.task != "seq-cls")]
     if gen:
-        from peftcli.data import Renderer
+        from peftcli.generation import METRICS as SAME
+        from peftcli.generation import generation_eval
+        from peftcli.recipe import GenerationEval
 
-        raw = prepared.eval_rows
-        renderer = Renderer(t.tokenizer, cfg)
-        prompts = [renderer.prompt_ids(r, fmt) for r in raw]
-        refs = [r["messages"][-1]["content"] if fmt == "chat" else r["output"] for r in raw]
-        outs = generate(t.model, t.tokenizer, prompts, max_new_tokens, batch_size)
+        # the training run's generation eval (prompt rendering, references, batched left-padded greedy decoding)
+        cfg_gen = GenerationEval(samples=len(prepared.eval_rows), max_new_tokens=max_new_tokens, batch_size=batch_size, before=False)
+        done = generation_eval(t.model, t.tokenizer, cfg, prepared.eval_rows, cfg_gen)["examples"]
+        pairs = [(e["output"], e["reference"]) for e in done]
         if "exact_match" in gen:
-            scores["exact_match"] = sum(GEN_SCORE["exact"](o, r) for o, r in zip(outs, refs, strict=True)) / len(refs)
+            scores["exact_match"] = sum(SAME["exact"](o, r) for o, r in pairs) / len(pairs)
         if "json_match" in gen:
-            scores["json_match"] = sum(GEN_SCORE["json"](o, r) for o, r in zip(outs, refs, strict=True)) / len(refs)
+            scores["json_match"] = sum(SAME["json"](o, r) for o, r in pairs) / len(pairs)
         if "accuracy" in gen:
-            names_ = [s.strip() for s in labels.split(",")] if labels else sorted({r.strip() for r in refs})
-            hits = [(p := _label_of(o, names_)) is not None and p == _label_of(r, names_) for o, r in zip(outs, refs, strict=True)]
+            names_ = [s.strip() for s in labels.split(",")] if labels else sorted({r.strip() for _, r in pairs})
+            hits = [(p := _label_of(o, names_)) is not None and p == _label_of(r, names_) for o, r in pairs]
             scores["accuracy"] = sum(hits) / len(hits)
             result["labels"] = names_
-        result["examples"] = [{"prompt": t.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
-                              for p, o, r in zip(prompts[:examples], outs, refs, strict=False)]
-        result["n_generated"] = len(outs)
+        result["examples"] = done[:examples]
+        result["n_generated"] = len(done)
     result["metrics"] = {m: scores[m] for m in names}
-    if "loss" in scores:
-        result["metrics"]["perplexity"] = math.exp(min(scores["loss"], 50.0)) if t.task != "seq-cls" else None
-        if result["metrics"]["perplexity"] is None:
-            del result["metrics"]["perplexity"]
+    if "loss" in scores and t.task != "seq-cls":
+        result["metrics"]["perplexity"] = math.exp(min(scores["loss"], 50.0))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result

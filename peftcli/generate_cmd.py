@@ -53,16 +53,18 @@ def _renderer(target):
     from peftcli.data import Renderer
     from peftcli.target import data_cfg
 
-    return Renderer(target.tokenizer, data_cfg(target, "prompts.jsonl", "alpaca"))
+    return Renderer(target.tokenizer, data_cfg(target, "prompts.jsonl", "alpaca"), target.task)
 
 
 def prompt_ids(renderer, row: dict) -> list[int]:
     if "messages" in row:
-        messages = [m for m in row["messages"]]
+        messages = list(row["messages"])
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # a reference answer: generate it instead
-        return renderer._chat(messages, True) if getattr(renderer.tok, "chat_template", None) else \
-            renderer.prompt_ids({"instruction": messages[-1]["content"]}, "alpaca")
+        if getattr(renderer.tok, "chat_template", None) and not renderer.seq2seq:
+            # the chat format's prompt is every message but the last (the reply to generate)
+            return renderer.prompt_ids({"messages": [*messages, {"role": "assistant", "content": ""}]}, "chat")
+        row = {"instruction": messages[-1]["content"] if messages else ""}
     return renderer.prompt_ids({"instruction": row["instruction"], "input": row.get("input") or ""}, "alpaca")
 
 
@@ -76,7 +78,8 @@ def stream_one(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    return tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)  # its output holds the new tokens only
+    return tokenizer.decode(out[0] if seq2seq else out[0, x.shape[1]:], skip_special_tokens=True)
 
 
 def run_generate(target: str, prompt: str | None = None, file: str | None = None, compare_base: bool = False,
@@ -88,7 +91,7 @@ def run_generate(target: str, prompt: str | None = None, file: str | None = None
 
     rows = read_prompts(prompt, file)
     t = load_target(target, base, need_adapter=compare_base)
-    if t.task != "causal-lm":
+    if t.task == "seq-cls":
         raise UserError(f"{target}: a {t.task} model does not generate text; score it with `peftcli eval {target} --data FILE`")
     renderer = _renderer(t)
     prompts = [prompt_ids(renderer, r) for r in rows]

@@ -26,7 +26,9 @@ class Target:
 
 def _task_of(config) -> str:
     archs = getattr(config, "architectures", None) or []
-    return "seq-cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "seq-cls"
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
 
 
 def load_target(target: str, base: str | None = None, need_adapter: bool = False) -> Target:
@@ -80,10 +82,17 @@ def data_cfg(target: Target, file: str, fmt: str | None, max_length: int | None 
 
     from peftcli.recipe import DataCfg
 
-    base = {k: v for k, v in (target.data or {}).items() if k not in ("train", "eval", "eval_ratio")}
+    data = target.data or {}
+    base = {k: v for k, v in data.items() if k not in ("train", "eval", "eval_ratio", "packing")}
+    # the file is read like the run's eval (else first training) file: its column mapping, text/label columns
+    like = data.get("eval") or data.get("train") or {}
+    like = (like[0] if like else {}) if isinstance(like, list) else like
+    like_fmt = like.get("format") or data.get("format") if isinstance(like, dict) else None
     if fmt is None:
-        fmt = "classification" if target.task == "seq-cls" else (base.get("format") or "alpaca")
-    entry = {"path": str(file), "format": fmt}
+        fmt = "classification" if target.task == "seq-cls" else (like_fmt or "alpaca")
+    entry = {k: v for k, v in like.items() if k not in ("path", "format", "split", "config", "weight", "limit")} \
+        if isinstance(like, dict) and like_fmt == fmt else {}
+    entry.update(path=str(file), format=fmt)
     d = {**base, "format": fmt, "train": entry, "eval": entry}
     if max_length is not None:
         d["max_length"] = max_length

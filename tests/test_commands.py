@@ -332,3 +332,19 @@ def test_sweep_bad_input(lora_run, tmp_path):
     assert_user_error(runner.invoke(app, ["sweep", str(lora_run["recipe"]), "--methods", "lora", "--set", "dora:method.r=2",
                                           "-o", str(tmp_path / "s")]), "not one of the swept methods")
     assert not (tmp_path / "s").exists()
+
+
+def test_eval_and_generate_a_non_mergeable_method(lora_run, tiny_llama_dir, tmp_path):
+    """Prompt tuning (virtual tokens, no merge): eval reproduces the run's eval loss, generate answers and
+    --compare-base shows the plain base's answers."""
+    d = recipe_dict(tiny_llama_dir, lora_run["train"], lora_run["eval"], tmp_path / "pt",
+                    train={"max_steps": 2, "eval_every": None, "save_every": None})
+    d["method"] = {"name": "prompt_tuning", "num_virtual_tokens": 4}
+    summary = json.loads(invoke("train", write_recipe(tmp_path / "r.yaml", d), "--json").stdout)
+    res = json.loads(invoke("eval", tmp_path / "pt", "--data", lora_run["eval"], "--metrics", "loss", "--json").stdout)
+    assert res["method"] == "prompt_tuning" and res["metrics"]["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    rows = json.loads(invoke("generate", tmp_path / "pt", "--file", lora_run["eval"], "--max-new-tokens", "4",
+                             "--compare-base", "--json").stdout)
+    base = json.loads(invoke("generate", tiny_llama_dir, "--file", lora_run["eval"], "--max-new-tokens", "4", "--json").stdout)
+    assert [r["base_output"] for r in rows] == [r["output"] for r in base]
+    assert [r["output"] for r in rows] != [r["output"] for r in base]  # the virtual tokens change the answers
