@@ -109,7 +109,12 @@ def test_counts_match_closed_formulas(arch, variant):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable_formula(variant, arch)
     sd = method.state_dict(model)
     assert sum(t.numel() for t in sd.values()) == stored_formula(variant, arch)
-    assert method.describe(model)["virtual_tokens"] == N
+    facts = method.describe(model)
+    assert facts["virtual_tokens"] == N
+    assert facts["added_flops_per_token"] == 4 * N * D * LAYERS  # q.k and a.v against n more keys in every layer
+    if arch == "llama" and not variant.startswith("prefix"):  # n more positions through the body once per sequence
+        body = LAYERS * (D * D * 2 + D * 16 * 2 + 3 * D * 64 + 2 * D) + D  # q, o; k, v (2 kv heads); MLP; norms; final norm
+        assert facts["added_flops_per_sequence"] == 2 * N * body
 
 
 @pytest.mark.parametrize("variant", ["prompt", "prefix"])

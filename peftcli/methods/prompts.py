@@ -383,6 +383,11 @@ class VirtualTokens(Method):
                  "added_flops_per_token": 4 * n * g["heads"] * g["head_dim"] * g["layers"]}
         if self.kind == "input":
             extra["added_sequence_length"] = n  # every layer processes n more positions (once per sequence)
+            bb = backbone(model)
+            skip = {id(p) for m in bb.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+            skip |= {id(p) for p in self.source(model).parameters()}
+            body = sum(p.numel() for p in bb.parameters() if id(p) not in skip)
+            extra["added_flops_per_sequence"] = 2 * n * body  # the n positions through the body's weights (prefill)
         else:
             extra["added_kv_per_layer"] = n
         return {**super().describe(model), **extra}
