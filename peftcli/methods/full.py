@@ -19,8 +19,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, Method, MethodOptions
-from peftcli.methods.lora import TargetSpec
+from peftcli.methods.base import PREFIX, Method, MethodOptions, TargetSpec
 from peftcli.methods.targets import LAYER_PATTERNS, match_list
 
 
@@ -71,7 +70,7 @@ class _Dense(Method):
         return model  # the trained tensors are the weights already
 
     def describe(self, model: nn.Module) -> dict:
-        return {"targets": [], "modules_to_save": list(self.saved_modules), "trained_tensors": len(self.trained)}
+        return {**super().describe(model), "trained_tensors": len(self.trained)}
 
 
 class FullOptions(MethodOptions):
