@@ -140,6 +140,25 @@ def perturb(model, scale: float = 0.1, seed: int = 2, small: tuple[str, ...] = (
                 p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * (scale / 4 if any(k in name for k in small) else scale))
 
 
+TOY = torch.tensor([5, 9, 5, 9]).unsqueeze(1).repeat(1, 10)  # learnable: each row repeats one token
+
+
+def toy_rows(arch: str) -> list[dict]:
+    """Tokenized rows for a few training steps: TOY as a causal-LM task, IDS with labels for BERT's classifier."""
+    if arch == "bert":
+        return [{"input_ids": ids.tolist(), "labels": label} for ids, label in zip(IDS, [0, 1, 1, 0], strict=True)]
+    return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in TOY]
+
+
+def toy_trainer(model, method, arch: str, steps: int, lr: float = 1e-2):
+    """peftcli's own Trainer (its real train_step; constant lr, no clipping) on the toy rows, `method` applied."""
+    from peftcli.train import Trainer
+
+    rows = toy_rows(arch)
+    return Trainer.for_model(model, method, rows, task=ARCH_TASK[arch], max_steps=steps, batch_size=len(rows), lr=lr,
+                             scheduler="constant", warmup_steps=0, max_grad_norm=None)
+
+
 def padded_lm_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) for tiny causal LMs: 3 rows of 12, two right-padded to different
     lengths, the first two positions of every row a masked prompt."""

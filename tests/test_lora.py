@@ -1,13 +1,18 @@
-"""LoRA and target matching on tiny Llama / GPT-2 / BERT models: init is a no-op, merge equals
-unmerged, counts match r*(in+out), HF PEFT's matching rules, and the PEFT layout round trip."""
+"""LoRA, its variants (LoRA-FA, PiSSA, DoRA) and target matching on tiny Llama / GPT-2 / BERT models: init is a
+no-op, merge equals unmerged, counts match r*(in+out), HF PEFT's matching rules, the PEFT layout round trip,
+PiSSA's SVD init and DoRA's gradients against PEFT's. (Every method's contract: test_contract.py.)"""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from conftest import padded_lm_batch, tiny_model
+from conftest import ARCH_TASK, make, padded_lm_batch, tiny_model, toy_trainer
+from conftest import IDS as CONTRACT_IDS
+from conftest import perturb as perturb_all
+from pydantic import ValidationError
 
 from peftcli import adapter_io
 from peftcli.errors import UserError
@@ -180,3 +185,94 @@ def test_padding_free_loss_equals_padded_loss():
     ours, _ = wrapped(ids, mask, labels)
     theirs = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+
+
+# ---------------------------------------------------------------- LoRA-FA, PiSSA, DoRA
+def _applied(arch: str, **opts):
+    base = make(arch)
+    model = copy.deepcopy(base)
+    method = build_method({"r": 4, **opts})
+    method.apply(model, ARCH_TASK[arch])
+    return base, model, method
+
+
+def test_lora_fa_trains_b_only():
+    _, model, method = _applied("llama", name="lora", freeze_a=True)
+    wrappers = method.wrappers(model)
+    a0 = {n: w.lora_A.weight.detach().clone() for n, w in wrappers.items()}
+    b0 = {n: w.lora_B.weight.detach().clone() for n, w in wrappers.items()}
+    trainer = toy_trainer(model, method, "llama", steps=3)
+    for step in range(3):
+        trainer.train_step(step)
+    for n, w in wrappers.items():
+        assert torch.equal(w.lora_A.weight, a0[n])
+        assert not torch.equal(w.lora_B.weight, b0[n])
+        assert sum(p.numel() for p in w.parameters() if p.requires_grad) == w.out_features * 4
+
+
+@pytest.mark.parametrize("arch,opts", [("llama", {"target_modules": "all-linear"}), ("gpt2", {"use_rslora": True})])
+def test_pissa_init_is_the_top_r_svd_part_of_w(arch, opts):
+    """s B A must be the rank-r truncated SVD of the original W and the base must hold the residual: any A, B
+    would leave outputs unchanged (W - sBA + sBA), so this is what makes it PiSSA."""
+    base, model, method = _applied(arch, name="lora", init="pissa", **opts)
+    for path, w in method.wrappers(model).items():
+        w0 = base.get_submodule(path).weight.detach().double()
+        w0 = w0.T if w.fan_in_fan_out else w0  # (out, in)
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+        top = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        sba = w.scaling * (w.lora_B.weight.double() @ w.lora_A.weight.double())
+        torch.testing.assert_close(sba, top, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w.base_weight().double(), w0 - top, atol=1e-5, rtol=1e-5)
+        a, b = w.lora_A.weight.double(), w.lora_B.weight.double()  # A's rows orthogonal, B's columns orthogonal
+        torch.testing.assert_close(a @ a.T, torch.diag(s[:4] / w.scaling), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.T @ b, torch.diag(s[:4] / w.scaling), atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_model_refuses_stored_tensors_and_doubles_rank():
+    _, model, method = _applied("llama", name="lora", init="pissa", target_modules="all-linear")
+    sd = method.state_dict(model)
+    a = sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape == (8, 32)
+    opts = method.saved_options()
+    assert (opts.r, opts.alpha, opts.init) == (8, 2 * method.opts.alpha, "default")
+    with pytest.raises(UserError, match="PiSSA"):
+        method.load_state_dict(model, sd)
+
+
+def test_dora_rejects_pissa():
+    with pytest.raises(ValidationError, match="init"):
+        build_method({"name": "dora", "init": "pissa"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_gradients_match_hf_peft(arch, tmp_path):
+    """Same gradients as PEFT's DoRA: the row norm is detached in backward in both."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    base, model, method = _applied(arch, name="dora", target_modules=targets)
+    perturb_all(model)
+    sd = {k: v.detach().contiguous() for k, v in method.state_dict(model).items()}
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {**method.adapter_config(model, None), "task_type": "CAUSAL_LM", "inference_mode": False}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True).eval()
+    for m in (model, peft_model):
+        m(input_ids=CONTRACT_IDS, labels=CONTRACT_IDS).loss.backward()
+    ours = {f"base_model.model.{n}": p.grad for n, p in model.named_parameters() if p.requires_grad}
+    theirs = get_peft_model_state_dict(peft_model, state_dict={n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].abs().max() > 0 for k in ours)  # every tensor gets a gradient: the comparison is not 0 == 0
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+
+
+def test_peft_lora_config_goes_to_lora_or_dora_by_use_dora():
+    from peftcli.methods import method_for_peft_config
+    from peftcli.methods.dora import DoRA, DoraOptions
+    from peftcli.methods.lora import LoRA, LoraOptions
+
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}
+    assert method_for_peft_config(cfg) is DoRA and method_for_peft_config({**cfg, "use_dora": False}) is LoRA
+    assert isinstance(DoRA.from_lora_config(cfg), DoraOptions)
+    assert type(DoRA.from_lora_config({**cfg, "use_dora": False})) is LoraOptions

@@ -301,6 +301,12 @@ class SparseMethod(Method):
         if not self._mask_later(model):
             super().check_trainable(model)
 
+    def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        # an optimizer may update the values in place without bumping their version counter (fused AdamW does
+        # not): the next forward rewrites the selected entries regardless
+        for w in self.wrappers(model).values():
+            w._synced = None
+
     def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
