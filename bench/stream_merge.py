@@ -4,6 +4,7 @@ in-memory merge.
 
     python -m bench.stream_merge                # = make bench-merge-stream (~10 min on 2 cores)
     python -m bench.stream_merge --quick        # small model, 1 repeat (smoke)
+    python -m bench.stream_merge --size large   # 7.2 GB in 1 GB shards (no verified / in-memory rows: 2x the model)
 
 The model is Llama-shaped with random fp32 weights, written once under bench/work/stream-merge/ (one
 tensor at a time, so generating it needs no more memory than the merge) and reused by later runs;
@@ -28,6 +29,7 @@ PY = sys.executable
 SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab, shard MB
     "full": (1536, 4096, 16, 12, 4, 32000, 250),
     "quick": (512, 1408, 4, 8, 4, 32000, 40),
+    "large": (3072, 8192, 16, 24, 8, 32000, 1000),  # 7.2 GB: where a real model's size amortises the start-up
 }
 
 
@@ -188,6 +190,7 @@ def child_step(args: list[str]) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.stream_merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a ~90 MB model, one repeat (smoke)")
+    p.add_argument("--size", choices=list(SIZES), default="full", help="model size (default full, 2 GB; large: 7.2 GB)")
     p.add_argument("--repeats", type=int, help="runs of cp and of the streaming merge, alternating (default 3; quick 1)")
     p.add_argument("--out", default=str(BENCH / "results"), help="results folder (default bench/results)")
     p.add_argument("--work", default=str(BENCH / "work" / "stream-merge"))
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.step:
         return child_step(a.step)
-    size = "quick" if a.quick else "full"
+    size = "quick" if a.quick else a.size
+    big = size == "large"  # the runs that hold the model in memory (twice when verified) are left out
     repeats = a.repeats or (1 if a.quick else 3)
     work, out = Path(a.work).resolve() / size, Path(a.out).resolve()
     raw = work / "logs"
@@ -242,10 +246,12 @@ def main(argv=None) -> int:
             runs[side].append(r)
     shutil.rmtree(copy_dir, ignore_errors=True)
     worst = adapters["all-linear"]
-    verified = run("stream-verified", peftcli_cmd() + ["merge", str(worst), "-o", str(work / "verified"), "--json"])
-    shutil.rmtree(work / "verified", ignore_errors=True)
+    verified = None
+    if not big:
+        verified = run("stream-verified", peftcli_cmd() + ["merge", str(worst), "-o", str(work / "verified"), "--json"])
+        shutil.rmtree(work / "verified", ignore_errors=True)
     in_memory = identity = None
-    if not a.no_in_memory:  # the all-linear streamed output against the in-memory merge
+    if not (a.no_in_memory or big):  # the all-linear streamed output against the in-memory merge
         shutil.rmtree(stream_dir, ignore_errors=True)
         run("stream-for-identity", sides["stream all-linear"][0])
         shutil.rmtree(mem_dir, ignore_errors=True)
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
     res["targets"]["bit-identical to the in-memory merge (all-linear)"] = {
         "value": bool(identity and identity["bit_identical"]), "target": "true", "met": bool(identity and identity["bit_identical"])}
     out.mkdir(parents=True, exist_ok=True)
-    name = "merge_stream" + ("_quick" if a.quick else "")
+    name = "merge_stream" + ("" if size == "full" else f"_{size}")
     (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (out / f"{name.upper()}.md").write_text(report(res))
     print(report(res))
@@ -328,8 +334,8 @@ def report(r: dict) -> str:
         label = {"cp": "cp --reflink=never (the shards)", "cp+sync": "cp, then sync FILES (fsync)"}.get(
             side, f"peftcli merge --no-verify, LoRA {side.removeprefix('stream ')} (streaming)")
         L.append(f"| {label} | {r['median_wall_s'][side]:.2f} | {median([x['peak_rss_mb'] for x in runs]):.0f} MB |")
-    v = r["stream_verified_all_linear"]
-    L.append(f"| peftcli merge, LoRA all-linear (streaming, verified: loads the model twice) | {v['wall_s']:.2f} | {v['peak_rss_mb']:.0f} MB |")
+    if v := r["stream_verified_all_linear"]:
+        L.append(f"| peftcli merge, LoRA all-linear (streaming, verified: loads the model twice) | {v['wall_s']:.2f} | {v['peak_rss_mb']:.0f} MB |")
     if r.get("in_memory_all_linear"):
         x = r["in_memory_all_linear"]
         L.append(f"| peftcli merge --in-memory --no-verify, LoRA all-linear | {x['wall_s']:.2f} | {x['peak_rss_mb']:.0f} MB |")
