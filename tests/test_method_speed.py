@@ -117,3 +117,22 @@ def test_dora_fast_forward_equals_the_paper_formula_and_tracks_w():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             base.weight.mul_(1.5)
+
+
+def test_adalora_in_place_update_equals_the_formula():
+    from torch import nn
+
+    from peftcli.methods.adalora import SVDLinear
+
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(24, 40), r=6, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    trained = [x, layer.lora_A, layer.lora_E, layer.lora_B]
+    y = layer(x)
+    ref = layer.base_layer(x) + (x @ (layer.lora_A * layer.lora_E).T) @ layer.lora_B.T * (layer.scaling / (layer.ranknum + 1e-5))
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, trained, g), torch.autograd.grad(ref, trained, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -82,6 +82,7 @@ class SVDLinear(AdapterModule):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r = r
         self.scaling = alpha
+        self._scale = float(torch.tensor(alpha, dtype=torch.float32) / (torch.tensor([float(r)]) + 1e-5))  # on CPU, also for meta
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
@@ -95,10 +96,18 @@ class SVDLinear(AdapterModule):
             self.lora_E.masked_fill_(~self.rank_mask.unsqueeze(1), 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         out = self.base_layer(x)
         h = self.lora_dropout(x.to(self.lora_A.dtype))
-        delta = (h @ (self.lora_A * self.lora_E).T) @ self.lora_B.T
-        return out + (delta * (self.scaling / (self.ranknum + 1e-5))).to(out.dtype)
+        qe = h @ (self.lora_A * self.lora_E).T
+        if type(self.base_layer) is nn.Linear and out.dtype == qe.dtype:
+            # the update added in place with its scale folded into the product, as LoRA's: no full-size
+            # temporaries (_scale = scaling / (ranknum + 1e-5), ranknum fixed at init_r, in fp32 as PEFT)
+            out.addmm_(qe, self.lora_B.T, alpha=self._scale)
+        else:
+            out = out + ((qe @ self.lora_B.T) * (self.scaling / (self.ranknum + 1e-5))).to(out.dtype)
+        return out.view(*lead, out.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """s P diag(E * mask) Q in (out, in) layout, fp32."""
