@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import copy_task_rows, recipe_dict, write_jsonl, write_recipe
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from peftcli import adapter_io
@@ -278,7 +279,7 @@ def test_peft_rank_pattern_matching_rule():
     assert pattern_key(keys, "model.layers.1.v_proj") == r"layers\.1\.v_proj"  # first match wins
     assert pattern_key(keys, "model.layers.0.v_proj") == "v_proj"
     assert pattern_key(keys, "model.layers.0.xq_proj") is None  # a whole dotted segment, as PEFT's (.*\.)?(key)$
-    with pytest.raises(Exception, match="rank_pattern"):
+    with pytest.raises(ValidationError, match=r"rank_pattern\n.*'q_proj': 0 must be positive"):
         build_method({"name": "lora", "rank_pattern": {"q_proj": 0}})
 
 
