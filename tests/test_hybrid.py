@@ -233,3 +233,29 @@ def test_inspect_reports_the_inference_cost(data, tiny_llama_dir):
     table = invoke("inspect", recipe).output
     assert f"+{4 * N_VIRTUAL * heads * head_dim * layers:,} FLOPs per token" in table, table
     assert f"{N_VIRTUAL} virtual tokens" in table, table
+
+
+def test_every_training_hook_reaches_every_part():
+    from conftest import toy_trainer
+
+    model = tiny_model("llama")
+    method = build_method(hybrid_options([LORA, {"name": "ia3", "target_modules": ["down_proj"]}]))
+    method.apply(model)
+    calls: list[tuple[int, str]] = []
+    for i, part in enumerate(method.parts):
+        for hook in ("validate_training", "before_training", "extra_loss", "before_optimizer_step", "on_optimizer_step",
+                     "training_state", "load_training_state"):
+            def record(*args, _i=i, _hook=hook, _orig=getattr(part, hook)):
+                calls.append((_i, _hook))
+                return _orig(*args)
+            setattr(part, hook, record)
+    trainer = toy_trainer(model, method, "llama", steps=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train_step(0)
+    method.load_training_state(model, method.training_state(model))
+    for i in range(2):
+        for hook in ("validate_training", "before_training", "extra_loss", "before_optimizer_step", "on_optimizer_step",
+                     "training_state", "load_training_state"):
+            assert (i, hook) in calls, (i, hook)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(".lora_B." in n for n in moved) and any(n.endswith(".ia3_l") for n in moved)  # both parts in the optimizer
