@@ -145,15 +145,21 @@ class Method:
       make_wrapper(base, path)  the wrapper for one target (default: wrapper_cls(base))
       state_dict / load_state_dict  only when the stored tensors are not the wrappers' own parameters
       merge           only when merging is more than replacing each wrapper by `merged_module()`
+      merge_refusal() a non-mergeable method's one-line reason and how to deploy it (default: says so for
+                  `peft_type` methods via `export --format peft`, else the adapter directory)
       adapter_config(model, base)  HF PEFT's fields for a method with a peft_type (default: options dump)
       from_adapter_config(cfg)  options from another tool's adapter_config.json (methods with peft_types)
       saved_options() options under which the stored tensors reload (default: the options; PiSSA differs)
       check_continuation(other, model)  extra per-module checks for `method.init_from` (default: none)
-      describe(model) facts for `inspect` (call super and add)
+      describe(model) facts for `inspect` (call super and add); an additive method reports its inference
+                  cost as `added_flops_per_token` (and `virtual_tokens` / `added_sequence_length` /
+                  `added_kv_per_layer` for virtual tokens)
       training hooks (optional): extra_loss, before_training, before_optimizer_step, on_optimizer_step,
                   validate_training, training_state / load_training_state
     Wrappers subclass AdapterModule, call `super().__init__(base)` and implement `forward` and either
     `delta_weight()` (W + delta methods) or `merged_module()`.
+    Tests: a method adds its rows to tests/test_contract.py (each of Llama, GPT-2, BERT: the closed-form
+    count, or the asserted refusal); its own behaviour goes to its family's test file.
     """
 
     name: ClassVar[str]
