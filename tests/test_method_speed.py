@@ -136,3 +136,23 @@ def test_adalora_in_place_update_equals_the_formula():
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, trained, g), torch.autograd.grad(ref, trained, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_said_inference_projects_once_until_theta_changes(monkeypatch):
+    model = tiny_model("llama")
+    method = build_method({"name": "said", "d": 300})
+    method.apply(model)
+    proj = method.projector(model)
+    ids = torch.tensor([ROWS[0]["input_ids"]])
+    calls = _count_projections(monkeypatch)
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        assert len(calls) == len(proj.groups) and torch.equal(first, again)  # the second forward projected nothing
+        proj.theta_d.add_(0.05)  # an optimizer step or a load: in place, so its version moves
+        moved = model(input_ids=ids).logits
+    assert len(calls) == 2 * len(proj.groups)
+    monkeypatch.setattr(_Projector, "fill", lambda self, *a: None)  # the uncached computation
+    with torch.no_grad():
+        torch.testing.assert_close(moved, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert not torch.allclose(moved, first)

@@ -16,7 +16,8 @@ their other user would keep theta0). The WHT is a butterfly over log2(L) vectori
 backward is itself (H is symmetric), so autograd stores nothing for it.
 
 Mechanics: torch parametrizations make each tensor a function of theta_d; forward hooks compute all
-projections once per forward (tensors of the same L in one batched transform) and drop them after it.
+projections once per forward (tensors of the same L in one batched transform) and drop them after it
+(without autograd, e.g. evaluation, they are kept until theta_d or lambda change).
 The hooks sit on every module from the model down to the targets' common ancestor, so whichever of them
 the caller enters (the model, or its backbone `model.base_model` as the causal-LM loss does) fills the
 cache; a depth count keeps the nested ones from filling it again.
@@ -133,6 +134,7 @@ class _Projector(nn.Module):
             self.register_buffer(f"G_{length}", gs.to(device), persistent=False)
             self.register_buffer(f"N_{length}", norm.to(device), persistent=False)
         self._cache: list[torch.Tensor] | None = None
+        self._kept: tuple[tuple, list[torch.Tensor]] | None = None  # no-grad projections, by theta_d/lambda version
         self._depth = 0  # nested hooked modules entered: the outermost fills and clears the cache
 
     def _scale(self) -> torch.Tensor | None:
@@ -157,8 +159,19 @@ class _Projector(nn.Module):
             out.update(self._project_group(length))
         return [out[i] for i in range(len(self.shapes))]
 
+    def _version(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.theta_d, self._scale()) if t is not None)
+
     def fill(self, *_args) -> None:
-        self._cache = self.project_all()
+        if torch.is_grad_enabled():
+            self._kept = None
+            self._cache = self.project_all()
+            return
+        # inference (no graph to keep): the projections stay valid until theta_d or lambda change, so
+        # evaluation and generation project once, not once per forward
+        if self._kept is None or self._kept[0] != self._version():
+            self._kept = (self._version(), self.project_all())
+        self._cache = self._kept[1]
 
     def clear(self, *_args) -> None:
         self._cache = None
