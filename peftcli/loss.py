@@ -95,14 +95,14 @@ class LossModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels, position_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean loss over label tokens, logits for seq-cls else None). position_ids: a packed row (data.packing),
         rows concatenated, positions restarting at each: the padding-free path without the flattening."""
+        if position_ids is not None and not self.padding_free:  # rows would attend to each other
+            raise UserError(packing_problem(self.model) or "data.packing: this model cannot run packed rows; set data.packing: false")
         if not self.selective:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return out.loss, out.logits if labels.dim() == 1 else None
         targets = torch.full_like(labels, IGNORE)
         targets[:, :-1] = labels[:, 1:]  # next-token targets, aligned with the positions that predict them
         if position_ids is not None:
-            if not self.padding_free:
-                raise UserError(packing_problem(self.model))
             hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         elif self.padding_free and not bool(attention_mask.all()):
             real = attention_mask.bool()
