@@ -338,7 +338,9 @@ def eval_(
         return _print_json(res)
     from rich.table import Table
 
-    table = Table(title=f"{res['kind']} {res['target']} ({res['method'] or res['task']}) on {res['data']} ({res['n']} rows, {res['format']})")
+    console.print(f"{res['kind']} [bold]{res['target']}[/] ({res['method'] or res['task']}) on {res['data']}: "
+                  f"{res['n']} rows, format {res['format']}", highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in res["metrics"].items():
