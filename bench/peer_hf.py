@@ -7,15 +7,18 @@ handicaps. Every hyperparameter is read from the same recipe YAML (plus the same
 peftcli trains from, so both sides get identical settings.
 
 Subcommands (each run is its own process, so the parent measures its peak RSS):
-  train    LoRA on SmolLM2-135M, alpaca data, per-step metrics.jsonl (same keys as peftcli's)
+  train    LoRA on SmolLM2-135M, alpaca (response-only labels) or plain text (every token labelled), per-step
+           metrics.jsonl (same keys as peftcli's); train.mixed_precision: bf16 runs the forward under
+           torch.autocast (bf16), model.dtype: bfloat16 loads a bf16 base (PEFT keeps the adapters in fp32)
   cls      SST-2 sequence classification with MiniLM: lora | ia3 | prompt | prefix | full
   merge    PeftModel.from_pretrained + merge_and_unload + save_pretrained
   latency  forward tokens/s of base vs merged vs unmerged adapter (interleaved rounds)
   versions print the versions in use
 
-Token counting (the same on both sides): throughput is token *positions* processed per second,
-i.e. batch_size x padded sequence length per optimizer step (padding=max_length gives every step the
-same shape, 4 x 256 = 1024 positions); non-pad token counts are logged too (`tokens`).
+Token counting (the same on both sides): each step logs its non-pad tokens (`tokens`), token positions
+(batch x padded length, `positions`), positions that carry a next-token label (`label_tokens`) and the
+causal query-key pairs of its sequences (`attn_pairs`, sum of L(L+1)/2), from which bench/run.py derives
+the model FLOPs of the step (bench/README.md).
 """
 
 from __future__ import annotations
@@ -154,6 +157,37 @@ def encode_alpaca(tok, row: dict, max_length: int, system_prompt: str | None) ->
     return {"input_ids": ids, "labels": labels}
 
 
+def encode_text(tok, text: str, max_length: int) -> dict:
+    """Plain-text language modelling as peftcli's `format: text`: the tokenizer's special tokens, EOS
+    appended, truncated at max_length, every token labelled."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    ids = (ids + ([tok.eos_token_id] if tok.eos_token_id is not None else []))[:max_length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A JSON list or JSON lines."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def model_dims(model) -> dict:
+    """What bench/run.py needs for the model FLOPs of a step: parameters of the decoder's linear layers
+    (frozen base), of the output head, the attention width and the layer count."""
+    from torch import nn
+
+    cfg = model.config
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and m is not head and "lora_" not in n)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {"linear_params": linear, "head_params": head.weight.numel(), "layers": cfg.num_hidden_layers,
+            "attn_width": heads * head_dim}
+
+
 def load_smollm2(dtype="float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,9 +225,12 @@ def lora_config_from(method: dict, task_type: str):
     return LoraConfig(**kw)
 
 
-def train_loop(model, dl, hp: dict, metrics_path: Path) -> tuple[float, float]:
-    """The plain loop: forward, backward, clip, AdamW step, scheduler step; one metrics line per step
-    (lr logged after the scheduler step, like peftcli). Returns (train seconds, last loss)."""
+def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False) -> tuple[float, float]:
+    """The plain loop: forward (under torch.autocast bf16 with `autocast`, as PyTorch's AMP recipe has it:
+    backward outside), backward, clip, AdamW step, scheduler step; one metrics line per step (lr logged
+    after the scheduler step, like peftcli). Returns (train seconds, last loss)."""
+    import contextlib
+
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,14 +242,19 @@ def train_loop(model, dl, hp: dict, metrics_path: Path) -> tuple[float, float]:
     it = batches(dl, hp["max_steps"] * accum)
     with open(metrics_path, "w") as mf:
         for step in range(1, hp["max_steps"] + 1):
-            tokens = positions = 0
+            tokens = positions = label_tokens = pairs = 0
             for _ in range(accum):
                 batch = next(it)
-                loss = model(**batch).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                    loss = model(**batch).loss
                 (loss / accum if accum > 1 else loss).backward()
                 loss_v = loss.item()
-                tokens += int(batch["attention_mask"].sum())
+                lengths = batch["attention_mask"].sum(-1)
+                tokens += int(lengths.sum())
                 positions += batch["input_ids"].numel()
+                if batch["labels"].dim() == 2:
+                    label_tokens += int((batch["labels"][:, 1:] != -100).sum())
+                pairs += int((lengths * (lengths + 1) // 2).sum())
             if hp["max_grad_norm"]:
                 torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
             opt.step()
@@ -222,7 +264,7 @@ def train_loop(model, dl, hp: dict, metrics_path: Path) -> tuple[float, float]:
             mf.write(json.dumps({
                 "step": step, "loss": loss_v, "lr": sched.get_last_lr()[0],
                 "tokens_per_s": tokens / (now - t_prev), "elapsed_s": now - start,
-                "tokens": tokens, "positions": positions,
+                "tokens": tokens, "positions": positions, "label_tokens": label_tokens, "attn_pairs": pairs,
             }) + "\n")
             mf.flush()
             t_prev = now
@@ -230,6 +272,7 @@ def train_loop(model, dl, hp: dict, metrics_path: Path) -> tuple[float, float]:
 
 
 def cmd_train(a) -> None:
+    import torch
     from peft import get_peft_model
 
     recipe = load_recipe(a.recipe, a.set)
@@ -248,11 +291,15 @@ def cmd_train(a) -> None:
     trainable, total = model.get_nb_trainable_parameters()
 
     t = time.perf_counter()
-    rows = json.loads(resolve_data_path(get(recipe, "data.train.path")).read_text())
+    rows = read_rows(resolve_data_path(get(recipe, "data.train.path")))
     limit = get(recipe, "data.train.limit")
     rows = rows[:limit] if limit else rows
-    system_prompt = get(recipe, "data.system_prompt")
-    data = [e for e in (encode_alpaca(tok, r, max_length, system_prompt) for r in rows) if e is not None]
+    if (get(recipe, "data.train.format") or get(recipe, "data.format", "alpaca")) == "text":
+        col = get(recipe, "data.train.text_column", "text")
+        data = [encode_text(tok, r[col], max_length) for r in rows]
+    else:
+        system_prompt = get(recipe, "data.system_prompt")
+        data = [e for e in (encode_alpaca(tok, r, max_length, system_prompt) for r in rows) if e is not None]
     if not data:
         raise SystemExit(f"every row is longer than data.max_length={max_length} before its response; raise it")
     data_s = time.perf_counter() - t
@@ -260,13 +307,18 @@ def cmd_train(a) -> None:
     dl = loader(data, hp["batch_size"], hp["seed"], collate(tok.pad_token_id, pad_to))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_s, _ = train_loop(model, dl, hp, out / "metrics.jsonl")
+    mp = get(recipe, "train.mixed_precision", "no")
+    if mp not in ("no", False, "bf16"):
+        raise SystemExit(f"peer train on CPU: train.mixed_precision {mp!r} (no or bf16)")
+    train_s, _ = train_loop(model, dl, hp, out / "metrics.jsonl", autocast=mp == "bf16")
     if a.save:
         model.save_pretrained(out / "adapter")
     emit(out, {
         "side": "peft", "versions": versions(), "trainable_params": trainable, "total_params": total,
         "load_s": round(load_s, 2), "data_s": round(data_s, 2), "train_s": round(train_s, 2),
         "examples": len(data), "rss_after_load_mb": round(rss_after_load, 1),
+        "dims": {**model_dims(model), "adapter_params": trainable}, "mixed_precision": mp,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
     })
 
 

@@ -125,22 +125,76 @@ def section_startup(c: Ctx) -> dict:
 
 # ---------------------------------------------------------------- train throughput
 
+# Causal-LM workloads of the train section. The headline is `alpaca`: each batch padded to its longest row
+# on both sides (the peer's best documented use: a per-batch padding collator, labels on the response only).
+WORKLOADS = {
+    "alpaca": "alpaca instructions (shared/data/alpaca/alpaca_en_demo.json), SmolLM2 chat template, loss on the "
+              "response only, each batch padded to its longest row",
+    "alpaca-pad256": "the same, every batch padded to 256 (data.padding: max_length; the earlier headline)",
+    "c4-text": "plain-text language modelling on shared/data/c4_demo.jsonl (format text: every token labelled, EOS "
+               "appended, truncated at the max length), dynamic padding",
+    "gsm8k": "short question/answer pairs: the first {gsm8k_rows} GSM8K train rows as alpaca rows (instruction = "
+             "question, output = answer), chat template, loss on the answer, dynamic padding",
+}
+# variants: (side, tool, extra --set items); fp32 runs on every workload, bf16 on --bf16-workloads
+FP32_SIDES = {"peftcli": ("peftcli", []), "peft": ("peft", [])}
+BF16_SIDES = {"peftcli-bf16": ("peftcli", ["train.mixed_precision=bf16"]),
+              "peftcli-bf16base": ("peftcli", ["model.dtype=bfloat16"]),
+              "peft-bf16": ("peft", ["train.mixed_precision=bf16"])}
+PAFI_SIDE = {"peftcli-pafi": ("peftcli", ["method={name: pafi, density: 0.005}"])}
+
+
+def gsm8k_file(c: Ctx) -> Path:
+    """GSM8K question/answer rows as an alpaca JSON list under the work folder (generated, never committed)."""
+    out = c.work / "data" / f"gsm8k-alpaca-{c.a.gsm8k_rows}.json"
+    if not out.is_file():
+        rows = []
+        with open(data_file("gsm8k/train.jsonl")) as fh:
+            for line in fh:
+                if line.strip():
+                    r = json.loads(line)
+                    rows.append({"instruction": r["question"], "input": "", "output": r["answer"]})
+                if len(rows) == c.a.gsm8k_rows:
+                    break
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows))
+    return out
+
+
+def workload_sets(c: Ctx, w: str) -> list[str]:
+    common = [f"train.max_steps={c.a.steps}", f"train.batch_size={c.a.batch}", f"data.max_length={c.a.seq}",
+              "train.eval_every=null", "train.save_every=null"]
+    alpaca = f"data.train.path={data_file('alpaca/alpaca_en_demo.json')}"
+    return common + {
+        "alpaca": [alpaca, "data.padding=longest"],
+        "alpaca-pad256": [alpaca, "data.padding=max_length"],
+        "c4-text": [f"data.train.path={data_file('c4_demo.jsonl')}", "data.format=text", "data.train.format=text",
+                    "data.padding=longest"],
+        "gsm8k": [f"data.train.path={gsm8k_file(c)}", "data.padding=longest"],
+    }[w]
+
+
 def train_sets(c: Ctx) -> list[str]:
-    return [
-        f"data.train.path={data_file('alpaca/alpaca_en_demo.json')}",
-        f"train.max_steps={c.a.steps}",
-        f"train.batch_size={c.a.batch}",
-        f"data.max_length={c.a.seq}",
-        "data.padding=max_length",
-        "train.eval_every=null",
-        "train.save_every=null",
-    ]
+    """The padded alpaca run (merge/latency make their adapter from it)."""
+    return workload_sets(c, "alpaca-pad256")
 
 
-def steady_state(metrics: list[dict], warmup: int, positions_per_step: int) -> dict:
-    """Throughput over the steps after `warmup` (the first steps pay one-off allocator/oneDNN costs).
-    tokens/s counts token positions (batch x padded length: fixed shape); nonpad_tokens/s counts
-    attention-mask tokens, reconstructed from each line's windowed tokens_per_s."""
+def train_plan(c: Ctx) -> dict[str, dict[str, tuple[str, list[str]]]]:
+    plan = {}
+    for w in c.a.workloads.split(","):
+        sides = dict(FP32_SIDES) if "fp32" in c.a.precisions else {}
+        if "bf16" in c.a.precisions and w in c.a.bf16_workloads.split(","):
+            sides.update(BF16_SIDES)
+        if w == "alpaca-pad256" and c.a.pafi:
+            sides.update(PAFI_SIDE)
+        plan[w] = sides
+    return plan
+
+
+def steady_state(metrics: list[dict], warmup: int, positions_per_step: int | None = None) -> dict:
+    """Throughput over the steps after `warmup` (the first steps pay one-off allocator/oneDNN costs):
+    non-pad tokens/s (attention-mask tokens: each line's `tokens`, else reconstructed from its windowed
+    tokens_per_s); tokens/s = positions (batch x padded length) per second where the shape is fixed."""
     steps = [m for m in metrics if "loss" in m and "elapsed_s" in m]
     if len(steps) <= warmup:
         return {}
@@ -152,93 +206,185 @@ def steady_state(metrics: list[dict], warmup: int, positions_per_step: int) -> d
         step_t = m["elapsed_s"] - prev
         nonpad += m["tokens"] if "tokens" in m else m.get("tokens_per_s", 0.0) * step_t
         prev = m["elapsed_s"]
-    return {
-        "tokens_per_s": len(measured) * positions_per_step / dt_total,
+    out = {
         "nonpad_tokens_per_s": nonpad / dt_total,
         "s_per_step": dt_total / len(measured),
-        "measured_steps": len(measured),
+        "measured_steps": [m["step"] for m in measured],
+        "measured_s": dt_total,
     }
+    if positions_per_step:
+        out["tokens_per_s"] = len(measured) * positions_per_step / dt_total
+    return out
+
+
+def step_flops(dims: dict, st: dict) -> float:
+    """Model FLOPs of one training step (bench/README.md): frozen linear layers 4 P per token (forward +
+    input gradient), the adapter 6 P_a (plus its weight gradient), the frozen head 4 V d per labelled
+    position, causal attention 12 L h d_h per query-key pair."""
+    return (4 * dims["linear_params"] * st["tokens"] + 6 * dims["adapter_params"] * st["tokens"]
+            + 4 * dims["head_params"] * st["label_tokens"] + 12 * dims["layers"] * dims["attn_width"] * st["attn_pairs"])
+
+
+def run_peak(c: Ctx, name: str) -> dict:
+    r = c.run("train", f"peak-{name}", [PY, "-m", "bench.peak"])
+    line = next((x for x in Path(ROOT / r["log"]).read_text().splitlines() if x.startswith("PEAK ")), None)
+    return {**json.loads(line[5:]), "loadavg": loadavg()} if line else {"error": r["log"]}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def loss_compare(a: list[float], b: list[float]) -> dict:
+    k = min(5, len(a), len(b))
+    if not k:
+        return {}
+    return {"final_a": sum(a[-k:]) / k, "final_b": sum(b[-k:]) / k, "final_diff": sum(a[-k:]) / k - sum(b[-k:]) / k,
+            "final_window_steps": k, "step1_diff": a[0] - b[0],
+            "max_abs_step_diff": max(abs(x - y) for x, y in zip(a, b, strict=False))}
 
 
 def section_train(c: Ctx) -> dict:
-    sets = train_sets(c)
-    positions = c.a.batch * c.a.seq
+    plan = train_plan(c)
     recipe = rel(TRAIN_RECIPE)
-    # peftcli-pafi: the same run with PaFi (0.5% sparse) instead of LoRA, so the sparse path's speed and
-    # memory are measured beside LoRA's on the same workload
-    runs: dict[str, list[dict]] = {"peftcli": [], "peft": [], "peftcli-pafi": []}
+    runs = {w: {side: [] for side in sides} for w, sides in plan.items()}
+    peaks = []
     for i in range(c.a.repeats):
-        for side in runs:  # A B C A B C ...
-            d = c.fresh("train", f"{side}-{i}")
-            if side.startswith("peftcli"):
-                extra = ["method={name: pafi, density: 0.005}"] if side == "peftcli-pafi" else []
-                cmd = peftcli_cmd() + ["train", recipe] + [x for s in sets + extra for x in ("--set", s)] + ["--output-dir", str(d), "--overwrite"]
-            else:
-                cmd = peer_cmd("train", "--recipe", recipe, *[x for s in sets for x in ("--set", s)], "--out", str(d))
-            r = c.run("train", f"{side}-{i}", cmd)
-            m = read_jsonl(d / "metrics.jsonl")
-            r.update(steady_state(m, c.a.warmup, positions))
-            r["losses"] = [x["loss"] for x in m if "loss" in x]
-            r["lrs"] = [x["lr"] for x in m if "lr" in x]
-            r["dir"] = rel(d)
-            info = d / ("peftcli.json" if side.startswith("peftcli") else "result.json")
-            if info.is_file():
-                j = json.loads(info.read_text())
-                r["trainable_params"] = j.get("trainable_params")
-                if side == "peft":
-                    r["peer_versions"] = j.get("versions")
-                    r["rss_after_load_mb"] = j.get("rss_after_load_mb")
-            runs[side].append(r)
-            if r.get("tokens_per_s"):
-                print(f"    {side}: {r['tokens_per_s']:.1f} tokens/s ({r['s_per_step']:.2f} s/step), final loss {r['losses'][-1]:.4f}")
+        peaks.append(run_peak(c, str(i)))
+        for w, sides in plan.items():
+            sets = workload_sets(c, w)
+            for side, (tool, extra) in sides.items():  # A B A B ...
+                d = c.fresh("train", w, f"{side}-{i}")
+                ss = [x for s in sets + extra for x in ("--set", s)]
+                if tool == "peftcli":
+                    cmd = peftcli_cmd() + ["train", recipe, *ss, "--output-dir", str(d), "--overwrite"]
+                else:
+                    cmd = peer_cmd("train", "--recipe", recipe, *ss, "--out", str(d))
+                load = loadavg()
+                r = c.run("train", f"{w}-{side}-{i}", cmd)
+                m = read_jsonl(d / "metrics.jsonl")
+                r["loadavg_before"] = load
+                r.update(steady_state(m, c.a.warmup, c.a.batch * c.a.seq if w == "alpaca-pad256" else None))
+                r["losses"] = [x["loss"] for x in m if "loss" in x]
+                r["lrs"] = [x["lr"] for x in m if "lr" in x]
+                r["step_tokens"] = [x.get("tokens") for x in m if "loss" in x]
+                r["dir"] = rel(d)
+                info = d / ("peftcli.json" if tool == "peftcli" else "result.json")
+                if info.is_file():
+                    j = json.loads(info.read_text())
+                    r["trainable_params"] = j.get("trainable_params")
+                    if tool == "peft":
+                        r["peer_versions"] = j.get("versions")
+                        r["rss_after_load_mb"] = j.get("rss_after_load_mb")
+                        r["dims"] = j.get("dims")
+                        r["step_stats"] = [{k: x[k] for k in ("step", "tokens", "label_tokens", "attn_pairs")} for x in m if "loss" in x]
+                runs[w][side].append(r)
+                if r.get("s_per_step"):
+                    print(f"    {w} {side}: {r['nonpad_tokens_per_s']:.1f} non-pad tokens/s ({r['s_per_step']:.2f} s/step), "
+                          f"final loss {r['losses'][-1]:.4f}, load {load}")
+    peaks.append(run_peak(c, "end"))
+    peak = {k: median([p.get(k) for p in peaks]) for k in ("fp32_gflops", "bf16_gflops")}
+    res = {"sizes": {"steps": c.a.steps, "warmup_steps_skipped": c.a.warmup, "repeats": c.a.repeats,
+                     "batch": c.a.batch, "seq": c.a.seq, "gsm8k_rows": c.a.gsm8k_rows, "threads": c.a.threads},
+           "recipe": recipe, "peaks": peaks, "peak": peak, "workloads": {}, "targets": {}}
+    for w, sides in runs.items():
+        res["workloads"][w] = train_workload(c, w, sides, peak, res["targets"])
+    head = res["workloads"].get("alpaca") or next(iter(res["workloads"].values()), None)
+    if head:  # the plot's and the older readers' view: the headline workload
+        res["summary"], res["runs"] = head["summary"], head["runs"]
+    return res
+
+
+def train_workload(c: Ctx, w: str, runs: dict, peak: dict, targets: dict) -> dict:
+    peer = next((r for r in runs.get("peft", []) if r["rc"] == 0 and r.get("step_stats") and r.get("dims")), None)
+    stats = {s["step"]: s for s in peer["step_stats"]} if peer else {}
     summary = {}
     for side, rs in runs.items():
-        ok = [r for r in rs if r["rc"] == 0 and r.get("tokens_per_s")]
+        ok = [r for r in rs if r["rc"] == 0 and r.get("s_per_step")]
+        for r in ok:
+            if stats and all(s in stats for s in r["measured_steps"]):
+                # both sides see the same batches: the peer's per-step token statistics hold for every side
+                r["same_batches"] = all(t is None or t == stats[s]["tokens"] for s, t in zip(range(1, len(r["step_tokens"]) + 1), r["step_tokens"], strict=False))
+                flops = sum(step_flops(peer["dims"], stats[s]) for s in r["measured_steps"])
+                r["model_gflops_per_s"] = flops / r["measured_s"] / 1e9
+        bf16 = "bf16" in side
+        gf = median([r.get("model_gflops_per_s") for r in ok])
+        pk = peak.get("bf16_gflops" if bf16 else "fp32_gflops")
         summary[side] = {
             "ok_runs": len(ok), "runs": len(rs),
-            "tokens_per_s": median([r["tokens_per_s"] for r in ok]),
             "nonpad_tokens_per_s": median([r["nonpad_tokens_per_s"] for r in ok]),
+            "tokens_per_s": median([r.get("tokens_per_s") for r in ok]),
             "s_per_step": median([r["s_per_step"] for r in ok]),
             "peak_rss_mb": median([r["peak_rss_mb"] for r in ok]),
             "wall_s": median([r["wall_s"] for r in ok]),
+            "model_gflops_per_s": gf,
+            "mfu": gf / pk if gf and pk else None, "mfu_of": "bf16" if bf16 else "fp32",
+            "mfu_vs_fp32_peak": gf / peak["fp32_gflops"] if gf and peak.get("fp32_gflops") else None,
+            "loadavg_before": [r.get("loadavg_before") for r in rs],
+            "same_batches": all(r.get("same_batches", True) for r in ok),
             "trainable_params": next((r.get("trainable_params") for r in ok if r.get("trainable_params")), None),
         }
-    res = {"sizes": {"steps": c.a.steps, "warmup_steps_skipped": c.a.warmup, "repeats": c.a.repeats,
-                     "batch": c.a.batch, "seq": c.a.seq, "positions_per_step": positions},
-           "recipe": recipe, "sets": sets, "summary": summary, "runs": runs}
-    a, b, p = summary["peftcli"], summary["peft"], summary["peftcli-pafi"]
-    if a["tokens_per_s"] and p["tokens_per_s"]:
-        res["pafi_vs_lora"] = {"tokens_per_s": p["tokens_per_s"] / a["tokens_per_s"], "peak_rss": p["peak_rss_mb"] / a["peak_rss_mb"]}
-    if a["tokens_per_s"] and b["tokens_per_s"]:
-        la, lb = runs["peftcli"][0]["losses"], runs["peft"][0]["losses"]
-        k = min(5, len(la), len(lb))
-        res["ratios"] = {"tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"], "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
-        res["loss"] = {
-            "final_loss_peftcli": sum(la[-k:]) / k, "final_loss_peft": sum(lb[-k:]) / k,
-            "final_loss_diff": sum(la[-k:]) / k - sum(lb[-k:]) / k, "final_window_steps": k,
-            "max_abs_step_loss_diff": max(abs(x - y) for x, y in zip(la, lb, strict=False)),
-            "step1_loss_diff": la[0] - lb[0],
-            "max_abs_lr_diff": max((abs(x - y) for x, y in zip(runs["peftcli"][0]["lrs"], runs["peft"][0]["lrs"], strict=False)), default=None),
-        }
-        res["targets"] = {
-            "tokens_per_s_ratio": {"value": res["ratios"]["tokens_per_s"], "target": ">= 1.25", "met": res["ratios"]["tokens_per_s"] >= 1.25},
-            "peak_rss_ratio": {"value": res["ratios"]["peak_rss"], "target": "<= 0.70", "met": res["ratios"]["peak_rss"] <= 0.70},
-        }
-    return res
+    out = {"description": WORKLOADS[w].format(gsm8k_rows=c.a.gsm8k_rows), "sets": workload_sets(c, w),
+           "summary": summary, "runs": runs, "ratios": {}, "loss": {}}
+    if peer:
+        out["flops_per_step_dims"] = peer["dims"]
+
+    def first_losses(side):
+        return next((r["losses"] for r in runs.get(side, []) if r["rc"] == 0 and r.get("losses")), None)
+
+    def ratio(a, b, key):
+        x, y = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
+        return x / y if x and y else None
+
+    for a, b in (("peftcli", "peft"), ("peftcli-bf16", "peftcli"), ("peftcli-bf16base", "peftcli"),
+                 ("peftcli-bf16", "peft-bf16"), ("peftcli-bf16base", "peft-bf16"), ("peft-bf16", "peft"),
+                 ("peftcli-pafi", "peftcli")):
+        if a in summary and b in summary:
+            out["ratios"][f"{a}/{b}"] = {"tokens_per_s": ratio(a, b, "nonpad_tokens_per_s"), "peak_rss": ratio(a, b, "peak_rss_mb")}
+            la, lb = first_losses(a), first_losses(b)
+            if la and lb:
+                out["loss"][f"{a}/{b}"] = loss_compare(la, lb)
+    r = out["ratios"]
+    if "peftcli/peft" in r and r["peftcli/peft"]["tokens_per_s"]:
+        targets[f"{w}: tokens/s vs peft (fp32)"] = {"value": r["peftcli/peft"]["tokens_per_s"], "target": ">= 1.6", "met": r["peftcli/peft"]["tokens_per_s"] >= 1.6}
+        targets[f"{w}: peak RSS vs peft (fp32)"] = {"value": r["peftcli/peft"]["peak_rss"], "target": "<= 0.6", "met": r["peftcli/peft"]["peak_rss"] <= 0.6}
+    if summary.get("peftcli", {}).get("mfu"):
+        targets[f"{w}: fp32 MFU"] = {"value": summary["peftcli"]["mfu"], "target": ">= 0.60", "met": summary["peftcli"]["mfu"] >= 0.6}
+    for side in ("peftcli-bf16", "peftcli-bf16base"):
+        if r.get(f"{side}/peftcli", {}).get("tokens_per_s"):
+            v = r[f"{side}/peftcli"]["tokens_per_s"]
+            targets[f"{w}: {side} vs peftcli fp32"] = {"value": v, "target": ">= 1.6", "met": v >= 1.6}
+        if r.get(f"{side}/peft-bf16", {}).get("tokens_per_s"):
+            v = r[f"{side}/peft-bf16"]["tokens_per_s"]
+            targets[f"{w}: {side} vs peft bf16"] = {"value": v, "target": ">= 1.5", "met": v >= 1.5}
+        lo = out["loss"].get(f"{side}/peftcli")
+        if lo:
+            v = abs(lo["final_diff"])
+            targets[f"{w}: {side} final loss vs fp32"] = {"value": v, "target": f"<= {BF16_LOSS_TOL}", "met": v <= BF16_LOSS_TOL}
+    return out
+
+
+# bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operation): over the bench's steps the mean loss of the
+# last steps may drift from fp32's by this much (absolute, nats); the peer's own bf16 drift is reported beside it
+BF16_LOSS_TOL = 0.05
 
 
 # ---------------------------------------------------------------- adapter for merge/latency
 
 def lora_adapter(c: Ctx) -> Path:
     """The peftcli LoRA adapter from the train section, or a short run made for the purpose."""
-    for d in sorted((c.work / "train").glob("peftcli-*")) if (c.work / "train").is_dir() else []:
+    for d in sorted((c.work / "train").glob("alpaca*/peftcli-[0-9]*")) if (c.work / "train").is_dir() else []:
         if (d / "adapter_model.safetensors").is_file() and (d / "peftcli.json").is_file():
             return d
     d = c.work / "adapter"
     if (d / "adapter_model.safetensors").is_file():
         return d
-    sets = train_sets(c)
-    sets[1] = "train.max_steps=2"
+    sets = [x for x in train_sets(c) if not x.startswith("train.max_steps=")] + ["train.max_steps=2"]
     r = c.run("setup", "adapter", peftcli_cmd() + ["train", str(TRAIN_RECIPE)] + [x for s in sets for x in ("--set", s)]
               + ["--output-dir", str(d), "--overwrite"])
     if r["rc"] != 0:
@@ -509,6 +655,50 @@ def fmt(x, nd=2, unit=""):
     return f"{x}{unit}"
 
 
+SIDE_LABELS = {
+    "peftcli": "peftcli fp32", "peft": "HF PEFT fp32", "peftcli-bf16": "peftcli, mixed_precision bf16 (autocast)",
+    "peftcli-bf16base": "peftcli, bf16 base + fp32 adapter", "peft-bf16": "HF PEFT, torch.autocast bf16",
+    "peftcli-pafi": "peftcli PaFi (0.5%) fp32",
+}
+
+
+def train_report(r: dict) -> list[str]:
+    z = r["sizes"]
+    pk = r.get("peak") or {}
+    L = ["## Training throughput, memory and utilisation", "",
+         f"LoRA r=16, alpha 32, all linear layers of SmolLM2-135M-Instruct (GGUF dequantised), CPU, batch {z['batch']}, "
+         f"max length {z['seq']}, AdamW, cosine schedule; {z['steps']} steps per run, the first {z['warmup_steps_skipped']} "
+         f"skipped as warm-up; median of {z['repeats']} runs per side, every workload's sides interleaved run by run "
+         f"(threads: {z.get('threads') or 'torch default'}). Non-pad tokens/s counts attention-mask tokens (both sides see "
+         "the same batches, checked step by step). Peak RSS: the whole process (wait4), model loading included. "
+         f"Matmul peak (`python -m bench.peak`, a 3072^3 torch.mm, best of 5, measured before every round and at the end, "
+         f"median): fp32 {fmt(pk.get('fp32_gflops'), 1)} GFLOP/s, bf16 {fmt(pk.get('bf16_gflops'), 1)} GFLOP/s. "
+         "MFU = model FLOPs per second (bench/README.md: frozen linear 4P per token, adapter 6P_a, head 4Vd per labelled "
+         "position, causal attention) / the peak of the run's compute precision. Load averages are recorded per run "
+         "in train.json.", ""]
+    for w, x in r["workloads"].items():
+        L += [f"### {w}" + (" (headline)" if w == "alpaca" else ""), "", x["description"] + ".", "",
+              "| side | non-pad tokens/s | vs HF PEFT | s/step | peak RSS (MB) | RSS vs HF PEFT | model GFLOP/s | MFU | runs ok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        peer_of = {"peftcli": "peft", "peftcli-bf16": "peft-bf16", "peftcli-bf16base": "peft-bf16"}
+        for side, s in x["summary"].items():
+            q = x["ratios"].get(f"{side}/{peer_of.get(side, '')}", {})
+            L.append(f"| {SIDE_LABELS.get(side, side)} | {fmt(s['nonpad_tokens_per_s'], 1)} | {fmt(q.get('tokens_per_s'), 2)} | "
+                     f"{fmt(s['s_per_step'])} | {fmt(s['peak_rss_mb'], 0)} | {fmt(q.get('peak_rss'), 2)} | "
+                     f"{fmt(s['model_gflops_per_s'], 1)} | {fmt(s['mfu'] and 100 * s['mfu'], 0)}% of {s['mfu_of']} | {s['ok_runs']}/{s['runs']} |")
+        if x["loss"]:
+            L += ["", "Loss curves (same seed, same batches; first run of each side): " + "; ".join(
+                f"{k}: final (mean of last {v['final_window_steps']}) {v['final_a']:.4f} vs {v['final_b']:.4f} "
+                f"({v['final_diff']:+.4f}), largest per-step difference {v['max_abs_step_diff']:.2e}"
+                for k, v in x["loss"].items()) + "."]
+        other = {k: v for k, v in x["ratios"].items() if k not in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16")}
+        if other:
+            L += ["", "Other ratios (non-pad tokens/s, peak RSS): " + "; ".join(
+                f"{k} {fmt(v['tokens_per_s'], 2)}x, {fmt(v['peak_rss'], 2)}x" for k, v in other.items()) + "."]
+        L.append("")
+    return L
+
+
 def write_report(out: Path, meta: dict) -> None:
     res = {s: json.loads((out / f"{s}.json").read_text()) for s in SECTIONS if (out / f"{s}.json").is_file()}
     L = ["# peftcli vs Hugging Face PEFT: benchmark results", ""]
@@ -533,29 +723,7 @@ def write_report(out: Path, meta: dict) -> None:
     if targets:
         L += ["## Targets (ratios from the same run)", "", "| section | measure | value | target | met |", "|---|---|---|---|---|", *targets, ""]
     if "train" in res:
-        r = res["train"]
-        z = r["sizes"]
-        L += ["## Training throughput and memory",
-              "",
-              f"LoRA r=16, alpha 32, all linear layers of SmolLM2-135M-Instruct (GGUF dequantised to fp32), CPU, alpaca "
-              f"(shared/data/alpaca/alpaca_en_demo.json), batch {z['batch']}, every batch padded to {z['seq']} tokens, AdamW, "
-              f"cosine schedule; {z['steps']} steps per run, the first {z['warmup_steps_skipped']} skipped as warm-up; "
-              f"median of {z['repeats']} runs per side, interleaved. tokens/s = token positions (batch x {z['seq']}) per "
-              "second of training; non-pad tokens/s counts attention-mask tokens (the two sides see the same batches). "
-              "Peak RSS: the whole process (wait4), model loading included.", "",
-              "| side | tokens/s | non-pad tokens/s | s/step | peak RSS (MB) | trainable params | runs ok |",
-              "|---|---|---|---|---|---|---|"]
-        for side, label in (("peftcli", "peftcli"), ("peft", "HF PEFT + plain loop")):
-            s = r["summary"][side]
-            L.append(f"| {label} | {fmt(s['tokens_per_s'], 1)} | {fmt(s['nonpad_tokens_per_s'], 1)} | {fmt(s['s_per_step'])} | "
-                     f"{fmt(s['peak_rss_mb'], 0)} | {fmt(s['trainable_params'])} | {s['ok_runs']}/{s['runs']} |")
-        if "loss" in r:
-            lo = r["loss"]
-            L += ["", f"Loss curves (same seed, same batches): final loss (mean of last {lo['final_window_steps']} steps) "
-                      f"peftcli {lo['final_loss_peftcli']:.4f} vs peft {lo['final_loss_peft']:.4f}, difference "
-                      f"{lo['final_loss_diff']:+.4f}; step-1 difference {lo['step1_loss_diff']:+.2e}; largest per-step "
-                      f"difference {lo['max_abs_step_loss_diff']:.2e}; largest lr difference {fmt(lo['max_abs_lr_diff'], 3)}."]
-        L.append("")
+        L += train_report(res["train"])
     if "quality" in res:
         r = res["quality"]
         z = r["sizes"]
@@ -633,24 +801,34 @@ def plot(out: Path) -> None:
     res = {s: json.loads((out / f"{s}.json").read_text()) for s in SECTIONS if (out / f"{s}.json").is_file()}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     colors = {"peftcli": "#1f77b4", "peft": "#ff7f0e", "transformers": "#7f7f7f"}
-    ax = axes[0][0]
-    if "train" in res and res["train"]["summary"]["peft"]["tokens_per_s"]:
-        s = res["train"]["summary"]
-        sides = [k for k in ("peftcli", "peft") if s[k]["tokens_per_s"]]
-        ax.bar(sides, [s[k]["tokens_per_s"] for k in sides], color=[colors[k] for k in sides])
-        ax.set_title("training tokens/s (higher is better)")
-        ax2 = axes[0][1]
-        ax2.bar(sides, [s[k]["peak_rss_mb"] / 1024 for k in sides], color=[colors[k] for k in sides])
-        ax2.set_title("training peak RSS, GB (lower is better)")
+    tr = res.get("train") or {}
+    if tr.get("workloads"):
+        names, speed, rss = [], [], []
+        for w, x in tr["workloads"].items():
+            for k, v in x["ratios"].items():
+                if k in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16", "peftcli-bf16/peftcli", "peftcli-bf16base/peftcli"):
+                    names.append(f"{w}\n{k}")
+                    speed.append(v["tokens_per_s"] or 0)
+                    rss.append(v["peak_rss"] or 0)
+        axes[0][0].barh(names, speed, color="#1f77b4")
+        axes[0][0].axvline(1.0, color="k", lw=0.8)
+        axes[0][0].tick_params(axis="y", labelsize=6)
+        axes[0][0].invert_yaxis()
+        axes[0][0].set_title("training non-pad tokens/s ratio (higher is better)")
+        axes[0][1].barh(names, rss, color="#2ca02c")
+        axes[0][1].axvline(1.0, color="k", lw=0.8)
+        axes[0][1].tick_params(axis="y", labelsize=6)
+        axes[0][1].invert_yaxis()
+        axes[0][1].set_title("training peak RSS ratio (lower is better)")
         ax3 = axes[0][2]
-        for side in ("peftcli", "peft"):
-            for i, r in enumerate(res["train"]["runs"][side]):
-                if r.get("losses"):
-                    ax3.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[side], alpha=0.8 if i == 0 else 0.3,
-                             label=side if i == 0 else None)
-        ax3.set_title("training loss per step")
+        for w, x in tr["workloads"].items():
+            for side, ls in (("peftcli", "-"), ("peft", "--")):
+                r0 = next((r for r in x["runs"].get(side, []) if r.get("losses")), None)
+                if r0:
+                    ax3.plot(range(1, len(r0["losses"]) + 1), r0["losses"], ls, label=f"{w} {side}")
+        ax3.set_title("training loss per step (fp32)")
         ax3.set_xlabel("step")
-        ax3.legend()
+        ax3.legend(fontsize=6)
     else:
         for a in axes[0]:
             a.text(0.5, 0.5, "train section not run", ha="center", va="center")
@@ -724,7 +902,13 @@ def parse_args(argv):
     g.add_argument("--warmup", type=int, default=2, help="steps skipped before measuring (default 2)")
     g.add_argument("--repeats", type=int, help="runs per side (default 3; quick 1)")
     g.add_argument("--batch", type=int, default=4)
-    g.add_argument("--seq", type=int, default=256, help="padded sequence length (default 256)")
+    g.add_argument("--seq", type=int, default=256, help="max length (alpaca-pad256: padded length; default 256)")
+    g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {','.join(WORKLOADS)} (default all)")
+    g.add_argument("--precisions", default="fp32,bf16", help="fp32 (peftcli and peft on every workload), bf16 (peftcli "
+                   "autocast, peftcli bf16 base, peft autocast on --bf16-workloads); default both")
+    g.add_argument("--bf16-workloads", default="alpaca,c4-text", help="workloads with the bf16 rows (default alpaca,c4-text)")
+    g.add_argument("--no-pafi", dest="pafi", action="store_false", help="skip the PaFi row beside LoRA on alpaca-pad256")
+    g.add_argument("--gsm8k-rows", type=int, default=1000, help="GSM8K train rows for the gsm8k workload (default 1000)")
     g = p.add_argument_group("quality")
     g.add_argument("--seeds", help="comma-separated seeds (default 42,43,44; quick 42)")
     g.add_argument("--other-seeds", type=int, default=1, help="how many of the seeds non-headline methods get (default 1)")
@@ -753,6 +937,9 @@ def parse_args(argv):
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    bad = [w for w in a.workloads.split(",") + a.bf16_workloads.split(",") if w not in WORKLOADS]
+    if bad or not set(a.precisions.split(",")) <= {"fp32", "bf16"}:
+        p.error(f"unknown workload(s) {bad} (choose from {list(WORKLOADS)}) or precision in {a.precisions!r} (fp32, bf16)")
     if a.steps <= a.warmup:
         p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
     return a

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.kernels import fuse_swiglu, linear_cross_entropy
+from peftcli.kernels import fuse_kernels, linear_cross_entropy
 
 IGNORE = -100
 
@@ -40,12 +40,13 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     starts = (pos[0] == 0).nonzero().flatten().tolist() if pos is not None and query.shape[0] == 1 else []
     if len(starts) < 2 or starts[0] != 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = starts + [query.shape[2]]
+    sizes = [b - a for a, b in zip(starts, starts[1:] + [query.shape[2]], strict=True)]
     gqa = query.shape[1] != key.shape[1]  # grouped-query heads stay unexpanded: autograd saves 1/groups of k and v
+    # one split per tensor: its backward is one concatenation (slices would each zero-fill a full-size gradient)
     out = torch.cat([
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-                                       dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
+                                       enable_gqa=gqa)
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     ], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -83,7 +84,7 @@ class LossModel(nn.Module):
     def __init__(self, model: nn.Module, task: str):
         super().__init__()
         self.model = model
-        fuse_swiglu(model)
+        fuse_kernels(model)
         self.selective = task == "causal-lm" and supports_selective_head(model)
         self.padding_free = (self.selective and getattr(model.config, "model_type", None) in PADDING_FREE_TYPES
                              and getattr(model.config, "_attn_implementation", None) == "sdpa"

@@ -23,6 +23,7 @@ import re
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
@@ -88,12 +89,16 @@ class LoraLinear(AdapterModule):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # 2D, so the in-place update below needs no view bookkeeping in autograd
         out = self.base_layer(x)
-        a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
-        if type(self.base_layer) is nn.Linear and out.dtype == a.dtype == self.lora_B.weight.dtype:
-            # out += s * a B^T as one op in place: no full-size temporaries for B's output, its scaled copy
+        if type(self.base_layer) is nn.Linear:
+            # out += s * (x A^T) B^T as one op in place: no full-size temporaries for B's output, its scaled copy
             # and the sum, nor for the scaled gradient in backward. Safe: linear saves its input, not its output.
-            out.addmm_(a, self.lora_B.weight.t(), alpha=self.scaling)
-        else:  # Conv1D, quantized or autocast bases: the plain sum
+            # The low-rank products run in the base's output dtype (bf16 base or autocast: bf16 matmuls; A and
+            # B stay fp32 masters, their casts are tiny and hand back fp32 gradients).
+            dt = out.dtype
+            a = F.linear(self.lora_dropout(x.to(dt)), self.lora_A.weight.to(dt))
+            out.addmm_(a, self.lora_B.weight.to(dt).t(), alpha=self.scaling)
+        else:  # Conv1D or quantized bases: the plain sum
+            a = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
             out = out + (self.lora_B(a) * self.scaling).to(out.dtype)
         return out.view(*lead, out.shape[-1])
 
