@@ -238,6 +238,7 @@ def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False) 
     accum = hp["grad_accum"]
     model.train()
     start = t_prev = time.perf_counter()
+    cpu0 = time.process_time()
     loss_v = float("nan")
     it = batches(dl, hp["max_steps"] * accum)
     with open(metrics_path, "w") as mf:
@@ -263,7 +264,7 @@ def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False) 
             now = time.perf_counter()
             mf.write(json.dumps({
                 "step": step, "loss": loss_v, "lr": sched.get_last_lr()[0],
-                "tokens_per_s": tokens / (now - t_prev), "elapsed_s": now - start,
+                "tokens_per_s": tokens / (now - t_prev), "elapsed_s": now - start, "cpu_s": time.process_time() - cpu0,
                 "tokens": tokens, "positions": positions, "label_tokens": label_tokens, "attn_pairs": pairs,
             }) + "\n")
             mf.flush()

@@ -455,7 +455,7 @@ class Trainer:
             log({"step": 0, "generation_score": before["score"]})
 
         delay = checkpoint.fault("step_delay") or 0.0
-        tokens, t0 = 0, time.perf_counter()
+        tokens, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         last_loss, skipped = float("nan"), 0
         progress = TrainProgress(self.total_steps, enabled=self.main, console=self.console)
         with progress:
@@ -477,7 +477,8 @@ class Trainer:
                     last_loss = result["loss"]
                 progress.update(step, loss=last_loss, lr=lr, tps=tps)
                 if not result["skipped"] and (step % tcfg.log_every == 0 or step == self.total_steps):
-                    log({"step": step, "loss": last_loss, "lr": lr, "tokens": result["tokens"], "tokens_per_s": tps, "elapsed_s": now - t0})
+                    log({"step": step, "loss": last_loss, "lr": lr, "tokens": result["tokens"], "tokens_per_s": tps, "elapsed_s": now - t0,
+                         "cpu_s": time.process_time() - cpu0})
                 if data.eval and tcfg.eval_every and step % tcfg.eval_every == 0 and step < self.total_steps:
                     ev = self.evaluate()
                     log({"step": step, **ev})
