@@ -348,3 +348,22 @@ def test_eval_and_generate_a_non_mergeable_method(lora_run, tiny_llama_dir, tmp_
     base = json.loads(invoke("generate", tiny_llama_dir, "--file", lora_run["eval"], "--max-new-tokens", "4", "--json").stdout)
     assert [r["base_output"] for r in rows] == [r["output"] for r in base]
     assert [r["output"] for r in rows] != [r["output"] for r in base]  # the virtual tokens change the answers
+
+
+def test_sweep_resumes_an_interrupted_run(lora_run, tmp_path, monkeypatch):
+    from peftcli import checkpoint
+
+    d = yaml.safe_load(lora_run["recipe"].read_text())
+    d["train"] = {**d["train"], "max_steps": 6, "save_every": 2, "eval_every": None}
+    recipe = write_recipe(tmp_path / "sweep.yaml", d)
+    out, run = tmp_path / "sw", tmp_path / "sw" / "lora-seed0"
+    monkeypatch.setenv("PEFTCLI_FAULT", "kill_in_save=4")  # the training process dies while saving step 4
+    first = runner.invoke(app, ["sweep", str(recipe), "--methods", "lora", "-o", str(out)])
+    assert first.exit_code == 1 and "1 run(s) failed" in first.stderr
+    assert checkpoint.latest(run).name == "step-2" and not (run / "peftcli.json").exists()
+    monkeypatch.delenv("PEFTCLI_FAULT")
+    second = invoke("sweep", recipe, "--methods", "lora", "-o", out)
+    assert second.exit_code == 0 and "lora-seed0: resuming" in second.stdout
+    assert json.loads((out / "sweep.json").read_text())["counts"] == {"trained": 0, "resumed": 1, "skipped": 0, "failed": 0}
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged if "loss" in e] == [1, 2, 3, 4, 5, 6]  # from step 2 on: the killed run's 3-4 dropped
