@@ -32,78 +32,6 @@ from peftcli.shards import ALIGN, MappedFile, OutEntry, ShardWriter, TensorInfo,
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STREAMABLE = ("lora", "dora", "ia3", "adalora", "bitfit", "hiwi",  # hiwi: its bias form only
-              "pafi", "fish", "lt_sft", "child_tuning")
-
-
-# ---------------------------------------------------------------- per-tensor merges
-# Each takes the base tensor as the loaded model holds it (model dtype, the file's (out, in) or, for
-# GPT-2's Conv1D, (in, out) layout) and returns the merged tensor in the same dtype. Adapter tensors
-# arrive as fp32, as the adapter's parameters hold them (method.load_state_dict copies into fp32).
-
-def lora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """W + s B A (LoraLinear.delta_weight + AdapterModule.merged_module). PiSSA adapters are stored as a
-    plain rank-2r LoRA on the original W and merge the same way; rsLoRA only changes s."""
-    delta = B.float() @ A.float()
-    delta.mul_(scaling)  # = (B A) * s without a second temporary; the same rounding
-    if fan_in_fan_out:
-        delta = delta.T
-    return delta.add_(w.float()).to(w.dtype)  # = W + delta: addition commutes exactly in IEEE arithmetic
-
-
-def dora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-               fan_in_fan_out: bool) -> torch.Tensor:
-    """m * (W + s B A) / ||W + s B A||_row (DoraLinear.merged_module)."""
-    wf = w.float()
-    wf = wf.T if fan_in_fan_out else wf
-    directed = wf + (B.float() @ A.float()) * scaling
-    merged = (magnitude.float() / torch.linalg.norm(directed, dim=1))[:, None] * directed
-    return (merged.T if fan_in_fan_out else merged).contiguous().to(w.dtype)
-
-
-def ia3_weight_merge(w: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """Rows (scale (out, 1)) or columns (feed-forward: scale (1, in)) of W times the vector (IA3Linear.merged_module)."""
-    wf = w.float()
-    wf = wf.T if fan_in_fan_out else wf
-    wf = wf * scale.float()
-    return (wf.T if fan_in_fan_out else wf).contiguous().to(w.dtype)
-
-
-def ia3_bias_merge(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (b.float() * scale.float().flatten()).to(b.dtype)
-
-
-def adalora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Tensor, init_r: int, alpha: float,
-                  fan_in_fan_out: bool) -> torch.Tensor:
-    """W + alpha/(init_r + 1e-5) P diag(E) Q (SVDLinear.delta_weight). Stored tensors hold only the kept
-    triplets; the loaded module puts them in the first k of init_r slots and masks the rest, so the
-    product runs over init_r (the same summation as the in-memory merge) with zeros in the masked slots."""
-    k = E.shape[0]
-    mask = torch.zeros(init_r, dtype=torch.bool)
-    mask[:k] = True
-    if k < init_r:
-        A = torch.cat([A, A.new_zeros(init_r - k, A.shape[1])], 0)
-        E = torch.cat([E, E.new_zeros(init_r - k, E.shape[1])], 0)
-        B = torch.cat([B, B.new_zeros(B.shape[0], init_r - k)], 1)
-    ranknum = torch.tensor([float(init_r)], dtype=torch.float32)
-    e = E.float() * mask.unsqueeze(1)
-    delta = B.float() @ (A.float() * e)
-    delta.mul_(alpha / (ranknum.float() + 1e-5))
-    if fan_in_fan_out:
-        delta = delta.T
-    return delta.add_(w.float()).to(w.dtype)
-
-
-def sparse_merge(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-    """Selected entries (flat positions in the stored layout) = base + values, the others untouched
-    (SparseDeltaLinear.sync); indices None: a dense delta (Child-Tuning F). A new tensor: `w` may be a
-    view of the mapped base file."""
-    if indices is None:
-        return (w.float() + values.float().view_as(w)).to(w.dtype)
-    out = w.clone()
-    flat = out.view(-1)
-    flat[indices] = (flat[indices].float() + values.float()).to(w.dtype)
-    return out
 
 
 @dataclass
@@ -118,60 +46,27 @@ class Edit:
 
 def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Edit] | str:
     """The per-tensor merge of an adapter: {base parameter name: Edit}, from the method as applied to
-    `model` (the meta-device skeleton, adapter already checked against it) and the stored tensors.
-    A string instead says why this adapter has no per-tensor merge (the in-memory path then merges it)."""
-    from peftcli.methods.adalora import AdaLoRA, SVDLinear
+    `model` (the meta-device skeleton, adapter already checked against it) and the stored tensors: each
+    wrapper's `tensor_merges`, the method's `replaced_tensors` and modules_to_save. A string instead says
+    why this adapter has no per-tensor merge (the in-memory path then merges it)."""
     from peftcli.methods.base import PREFIX
-    from peftcli.methods.bitfit import BitFit
-    from peftcli.methods.dora import DoRA, DoraLinear
-    from peftcli.methods.hiwi import HiWi, HiwiLinear
-    from peftcli.methods.ia3 import IA3, IA3Linear
-    from peftcli.methods.lora import LoRA, LoraLinear
-    from peftcli.methods.sparse import SparseDeltaLinear, SparseMethod
 
-    wrapper_of = {LoRA: LoraLinear, DoRA: DoraLinear, IA3: IA3Linear, AdaLoRA: SVDLinear, HiWi: HiwiLinear, BitFit: None}
-    wrapper_of.update({type(method): SparseDeltaLinear} if isinstance(method, SparseMethod) else {})
-    if type(method) not in wrapper_of:
+    if not method.streams:
         return f"method {method.name!r} has no per-tensor merge"
     used: set[str] = set()
-
-    def t(key: str) -> torch.Tensor:
-        used.add(key)
-        return stored[key].to(torch.float32)  # as the fp32 adapter parameter holds it
-
     edits: dict[str, Edit] = {}
     for path, w in method.wrappers(model).items():
-        k, weight = f"{PREFIX}{path}", f"{path}.weight"
-        if type(w) is not wrapper_of[type(method)]:
-            return f"{path}: {type(w).__name__} has no per-tensor merge"
-        if type(w) is LoraLinear:
-            fn = functools.partial(lora_merge, A=t(f"{k}.lora_A.weight"), B=t(f"{k}.lora_B.weight"), scaling=w.scaling,
-                                   fan_in_fan_out=w.fan_in_fan_out)
-        elif type(w) is DoraLinear:
-            fn = functools.partial(dora_merge, A=t(f"{k}.lora_A.weight"), B=t(f"{k}.lora_B.weight"),
-                                   magnitude=t(f"{k}.lora_magnitude_vector"), scaling=w.scaling, fan_in_fan_out=w.fan_in_fan_out)
-        elif type(w) is SVDLinear:
-            fn = functools.partial(adalora_merge, A=t(f"{k}.lora_A"), B=t(f"{k}.lora_B"), E=t(f"{k}.lora_E"), init_r=w.r,
-                                   alpha=w.scaling, fan_in_fan_out=w.fan_in_fan_out)
-        elif type(w) is IA3Linear:
-            scale = t(f"{k}.ia3_l")
-            fn = functools.partial(ia3_weight_merge, scale=scale, fan_in_fan_out=w.fan_in_fan_out)
-            if not w.is_feedforward and w.base_layer.bias is not None:
-                edits[f"{path}.bias"] = Edit("modify", fn=functools.partial(ia3_bias_merge, scale=scale))
-        elif type(w) is SparseDeltaLinear:
-            if w.dense:
-                fn = functools.partial(sparse_merge, values=t(f"{k}.sparse_delta"), indices=None)
-            else:
-                used.add(f"{k}.sparse_indices")
-                fn = functools.partial(sparse_merge, values=t(f"{k}.sparse_values"), indices=stored[f"{k}.sparse_indices"].long())
-        elif type(w) is HiwiLinear and w.form == "bias":
-            # the stored b' replaces b; the loaded layer computes b' + f(b' W_down) 0 = b' exactly
-            edits[f"{path}.bias"] = Edit("replace", value=t(f"{k}.bias"))
-            continue
-        else:
-            return f"HiWi's {w.form} form has no per-tensor merge"
-        edits[weight] = Edit("modify", fn=fn)
-    replaced = [f"{p}.bias" for p in getattr(method, "bias_paths", [])]  # BitFit's, sparse methods' train_bias
+
+        def get(local: str, _k=f"{PREFIX}{path}") -> torch.Tensor:
+            used.add(f"{_k}.{local}")
+            return stored[f"{_k}.{local}"]
+
+        merges = w.tensor_merges(get)
+        if isinstance(merges, str):
+            return f"{path}: {merges}"
+        for local, (kind, x) in merges.items():
+            edits[f"{path}.{local}"] = Edit(kind, value=x) if kind == "replace" else Edit(kind, fn=x)
+    replaced = list(method.replaced_tensors(model))
     for path in method.saved_modules:
         replaced += [f"{path}.{local}" for local, _ in model.get_submodule(path).named_parameters()]
     for name in replaced:
@@ -183,6 +78,13 @@ def tensor_edits(method, model, stored: dict[str, torch.Tensor]) -> dict[str, Ed
     if left:  # a safety net: every stored tensor must have been folded somewhere
         return f"adapter tensor {left[0]} has no per-tensor merge"
     return edits
+
+
+def _streams(name: str | None) -> bool:
+    """Whether the registered method `name` has a per-tensor merge (decided before building anything)."""
+    from peftcli.methods import available_methods, get_method
+
+    return name in available_methods() and get_method(name).streams
 
 
 # ---------------------------------------------------------------- the base's files
@@ -327,7 +229,7 @@ def plan_merge(adapter: adapter_io.AdapterDir, cfg, force: bool = False) -> Plan
     if files is None:
         return f"{model_dir} has no safetensors weights"
     name = (adapter.options.name if adapter.options is not None else None) or "?"
-    if name not in STREAMABLE:
+    if not _streams(name):
         return f"method {name!r} has no per-tensor merge"
     meta_base = (adapter.meta or {}).get("base", {})
     config = _load_config(model_dir, cfg, meta_base.get("label_names"))
@@ -702,7 +604,7 @@ def start_prefill(adapter: adapter_io.AdapterDir, cfg, out: Path) -> Prefill | N
     from peftcli.shards import read_header
 
     name = adapter.options.name if adapter.options is not None else None
-    if name not in STREAMABLE or adapter.weights.name != adapter_io.WEIGHTS:
+    if not _streams(name) or adapter.weights.name != adapter_io.WEIGHTS:
         return None
     model_dir = local_model_dir(cfg)
     if isinstance(model_dir, str) or (files := base_files(model_dir)) is None:

@@ -286,16 +286,17 @@ def test_existing_output_is_refused_and_kept(tmp_path, sharded):
 
 
 def test_a_failure_mid_write_leaves_nothing(tmp_path, sharded, monkeypatch):
-    calls = []
+    from peftcli.methods import lora
+
+    calls, real = [], lora.lora_merge
 
     def boom(*a, **kw):
         calls.append(1)
         if len(calls) > 3:
             raise RuntimeError("disk full")
-        return streaming.__dict__["_real_lora"](*a, **kw)
+        return real(*a, **kw)
 
-    monkeypatch.setitem(streaming.__dict__, "_real_lora", streaming.lora_merge)
-    monkeypatch.setattr(streaming, "lora_merge", boom)
+    monkeypatch.setattr(lora, "lora_merge", boom)
     before = {p.name for p in tmp_path.iterdir()}
     with pytest.raises(RuntimeError, match="disk full"):
         merge_adapter(sharded["adapter"], tmp_path / "new" / "dir" / "merged", verify=False)
@@ -337,3 +338,13 @@ def test_no_early_copy_when_the_output_dtype_differs(tmp_path, bases, monkeypatc
     monkeypatch.setattr(streaming.Prefill, "_run", lambda self, skip: started.append(1))
     res = merge_adapter(adapter, tmp_path / "s", dtype="bfloat16", verify=False)  # fp32 base -> bf16 files
     assert res["layout"] == "rewritten" and not started
+
+
+def test_every_streaming_method_has_a_bit_identity_case():
+    """A method that declares `streams` gets a CASES row (FISH and LT-SFT choose their mask from data and
+    store it like PaFi: the same SparseDeltaLinear.tensor_merges, covered by the pafi rows)."""
+    from peftcli.methods import available_methods, get_method
+
+    streaming_methods = {n for n in available_methods() if get_method(n).streams}
+    assert {"lora", "dora", "ia3", "adalora", "bitfit", "hiwi", "pafi", "child_tuning"} <= streaming_methods
+    assert streaming_methods - {opts["name"] for _, opts, _ in CASES.values()} <= {"fish", "lt_sft"}

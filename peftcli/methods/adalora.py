@@ -31,6 +31,7 @@ Merge: W += s * P diag(E * mask) Q.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -65,6 +66,27 @@ class AdaLoraOptions(MethodOptions):
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         return self
+
+
+def adalora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Tensor, init_r: int, alpha: float,
+                  fan_in_fan_out: bool) -> torch.Tensor:
+    """W + alpha/(init_r + 1e-5) P diag(E) Q for the streaming merge (SVDLinear.delta_weight). Stored tensors
+    hold only the kept triplets; the loaded module puts them in the first k of init_r slots and masks the
+    rest, so the product runs over init_r (the same summation as the in-memory merge) with zeros there."""
+    k = E.shape[0]
+    mask = torch.zeros(init_r, dtype=torch.bool)
+    mask[:k] = True
+    if k < init_r:
+        A = torch.cat([A, A.new_zeros(init_r - k, A.shape[1])], 0)
+        E = torch.cat([E, E.new_zeros(init_r - k, E.shape[1])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], init_r - k)], 1)
+    ranknum = torch.tensor([float(init_r)], dtype=torch.float32)
+    e = E.float() * mask.unsqueeze(1)
+    delta = B.float() @ (A.float() * e)
+    delta.mul_(alpha / (ranknum.float() + 1e-5))
+    if fan_in_fan_out:
+        delta = delta.T
+    return delta.add_(w.float()).to(w.dtype)
 
 
 class SVDLinear(AdapterModule):
@@ -113,6 +135,10 @@ class SVDLinear(AdapterModule):
         """s P diag(E * mask) Q in (out, in) layout, fp32."""
         e = self.lora_E.float() * self.rank_mask.unsqueeze(1)
         return self.lora_B.float() @ (self.lora_A.float() * e) * (self.scaling / (self.ranknum.float() + 1e-5))
+
+    def tensor_merges(self, stored):
+        return {"weight": ("modify", functools.partial(adalora_merge, A=stored("lora_A"), B=stored("lora_B"), E=stored("lora_E"),
+                                                       init_r=self.r, alpha=self.scaling, fan_in_fan_out=self.fan_in_fan_out))}
 
     def orth_penalty(self) -> torch.Tensor:
         eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)

@@ -9,6 +9,7 @@ and get state_dict / load / merge for free. What a new method sets and overrides
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -96,6 +97,15 @@ class AdapterModule(nn.Module):
         """The additive weight update in (out, in) layout, fp32 (for methods of the form W + delta)."""
         raise NotImplementedError
 
+    def tensor_merges(self, stored: Callable[[str], torch.Tensor]) -> dict[str, tuple[str, Any]] | str:
+        """`merged_module` one tensor at a time, for the streaming merge (which never builds the model):
+        {local tensor name ("weight", "bias"): ("modify", fn) | ("replace", tensor)}, where fn maps the base
+        tensor (the model's dtype, its storage layout: (in, out) for Conv1D) to the merged one, and
+        `stored(name)` gives this wrapper's stored tensors by local name ("lora_A.weight"). It must repeat
+        `merged_module`'s operations in order (the output is checked bit for bit against the in-memory merge).
+        A string says why there is none: the in-memory path merges."""
+        return f"{type(self).__name__} has no per-tensor merge"
+
     def merged_module(self) -> nn.Module:
         """The base module with this adapter folded into its weights (default: W += delta_weight())."""
         self.set_base_weight(self.base_weight().float() + self.delta_weight())
@@ -139,12 +149,15 @@ class Method:
       default_targets  {model_type: targets} used when `target_modules` is null (None: LoRA's, HF PEFT's)
       training_only    option names that shape training but not the stored function (init_from may
                   continue an adapter whose values differ there)
+      streams     True when `peftcli merge` may stream it: its wrappers implement `tensor_merges`
 
     and OVERRIDES:
       inject(model)   required unless the default fits: it wraps `target_paths(model)` with `make_wrapper`
       make_wrapper(base, path)  the wrapper for one target (default: wrapper_cls(base))
       state_dict / load_state_dict  only when the stored tensors are not the wrappers' own parameters
       merge           only when merging is more than replacing each wrapper by `merged_module()`
+      replaced_tensors(model)  base tensors stored whole outside wrappers and modules_to_save (BitFit's
+                  biases): the streaming merge writes the stored value in their place
       merge_refusal() a non-mergeable method's one-line reason and how to deploy it (default: says so for
                   `peft_type` methods via `export --format peft`, else the adapter directory)
       adapter_config(model, base)  HF PEFT's fields for a method with a peft_type (default: options dump)
@@ -157,7 +170,7 @@ class Method:
       training hooks (optional): extra_loss, before_training, before_optimizer_step, on_optimizer_step,
                   validate_training, training_state / load_training_state
     Wrappers subclass AdapterModule, call `super().__init__(base)` and implement `forward` and either
-    `delta_weight()` (W + delta methods) or `merged_module()`.
+    `delta_weight()` (W + delta methods) or `merged_module()`, and `tensor_merges()` when the method streams.
     Tests: a method adds its rows to tests/test_contract.py (each of Llama, GPT-2, BERT: the closed-form
     count, or the asserted refusal); its own behaviour goes to its family's test file.
     """
@@ -172,6 +185,7 @@ class Method:
     wrapper_cls: ClassVar[type[AdapterModule] | None] = None
     default_targets: ClassVar[dict[str, Any] | None] = None
     training_only: ClassVar[frozenset[str]] = frozenset()
+    streams: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions):
         self.opts = options
@@ -301,6 +315,10 @@ class Method:
                 replace_module(model, path, mod.merged_module())
         self.wrapped = []
         return model
+
+    def replaced_tensors(self, model: nn.Module) -> list[str]:
+        """Base tensors (full names) the adapter stores whole, besides its wrappers and modules_to_save."""
+        return []
 
     def merge_refusal(self) -> str:
         """Why `merge` refuses a non-mergeable method, and how to deploy it unmerged (one line)."""

@@ -41,6 +41,7 @@ class BitFit(Method):
     peft_type = None
     summary = "train only the bias terms (and the task head)"
     Options = BitFitOptions
+    streams = True
 
     def __init__(self, options: BitFitOptions):
         super().__init__(options)
@@ -68,6 +69,9 @@ class BitFit(Method):
         model = super().merge(model)  # nothing wrapped: the model already has its own module types
         self.bias_paths = []
         return model
+
+    def replaced_tensors(self, model: nn.Module) -> list[str]:
+        return [f"{p}.bias" for p in self.bias_paths]
 
     def describe(self, model: nn.Module) -> dict:
         return {**super().describe(model), "targets": list(self.bias_paths)}

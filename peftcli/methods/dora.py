@@ -19,6 +19,7 @@ Our choice: PiSSA init is not offered with DoRA (its saved form on the original 
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -33,6 +34,16 @@ from peftcli.methods.lora import LoRA, LoraLinear, LoraOptions
 class DoraOptions(LoraOptions):
     name: Literal["dora"] = "dora"
     init: Literal["default"] = Field("default", description="DoRA starts from LoRA's default init (no PiSSA)")
+
+
+def dora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+               fan_in_fan_out: bool) -> torch.Tensor:
+    """m * (W + s B A) / ||W + s B A||_row for the streaming merge (DoraLinear.merged_module, in its order)."""
+    wf = w.float()
+    wf = wf.T if fan_in_fan_out else wf
+    directed = wf + (B.float() @ A.float()) * scaling
+    merged = (magnitude.float() / torch.linalg.norm(directed, dim=1))[:, None] * directed
+    return (merged.T if fan_in_fan_out else merged).contiguous().to(w.dtype)
 
 
 class DoraLinear(LoraLinear):
@@ -85,6 +96,11 @@ class DoraLinear(LoraLinear):
             base_result = F.linear(h, w)
         lora = self.lora_B(self.lora_A(h))
         return out + ((scale - 1) * base_result + scale * lora * self.scaling).to(out.dtype)
+
+    def tensor_merges(self, stored):
+        return {"weight": ("modify", functools.partial(dora_merge, A=stored("lora_A.weight"), B=stored("lora_B.weight"),
+                                                       magnitude=stored("lora_magnitude_vector"), scaling=self.scaling,
+                                                       fan_in_fan_out=self.fan_in_fan_out))}
 
     def merged_module(self) -> nn.Module:
         directed = self.base_weight().float() + self.delta_weight()

@@ -107,6 +107,12 @@ class HiwiLinear(AdapterModule):
             return F.linear(x, self.base_weight(), self.new_bias())
         return F.linear(x, *self.new_weight())
 
+    def tensor_merges(self, stored):
+        if self.form != "bias":
+            return f"HiWi's {self.form} form has no per-tensor merge"
+        # the stored b' replaces b; the loaded layer computes b' + f(b' W_down) 0 = b' exactly
+        return {"bias": ("replace", stored("bias"))}
+
     def merged_module(self) -> nn.Module:
         base = self.base_layer
         if self.form == "bias":
@@ -121,6 +127,7 @@ class HiwiLinear(AdapterModule):
 
 @register
 class HiWi(Method):
+    streams = True  # the bias form; the weight forms say why not (tensor_merges)
     name = "hiwi"
     family = "partial"
     peft_type = None

@@ -12,6 +12,7 @@ queries, and BERT's `output.dense` also matches `attention.output.dense` (treate
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Literal
 
@@ -49,6 +50,19 @@ class IA3Options(MethodOptions):
     layers_pattern: str | list[str] | None = None
 
 
+def ia3_weight_merge(w: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Rows (scale (out, 1)) or columns (feed-forward: scale (1, in)) of W times the vector, for the
+    streaming merge (IA3Linear.merged_module)."""
+    wf = w.float()
+    wf = wf.T if fan_in_fan_out else wf
+    wf = wf * scale.float()
+    return (wf.T if fan_in_fan_out else wf).contiguous().to(w.dtype)
+
+
+def ia3_bias_merge(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (b.float() * scale.float().flatten()).to(b.dtype)
+
+
 class IA3Linear(AdapterModule):
     def __init__(self, base: nn.Module, feedforward: bool):
         super().__init__(base)
@@ -63,6 +77,13 @@ class IA3Linear(AdapterModule):
         out = self.base_layer(x)
         return (out * scale).to(out.dtype)
 
+    def tensor_merges(self, stored):
+        scale = stored("ia3_l")
+        out = {"weight": ("modify", functools.partial(ia3_weight_merge, scale=scale, fan_in_fan_out=self.fan_in_fan_out))}
+        if not self.is_feedforward and self.base_layer.bias is not None:
+            out["bias"] = ("modify", functools.partial(ia3_bias_merge, scale=scale))
+        return out
+
     def merged_module(self) -> nn.Module:
         base = self.base_layer
         self.set_base_weight(self.base_weight().float() * self.ia3_l.float())  # (out, 1): rows; (1, in): columns
@@ -73,6 +94,7 @@ class IA3Linear(AdapterModule):
 
 @register
 class IA3(Method):
+    streams = True
     name = "ia3"
     family = "additive"  # Xu et al. file (IA)^3 under additive; unlike the others there it folds into W
     mergeable = True

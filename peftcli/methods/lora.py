@@ -18,6 +18,7 @@ take `r` / `alpha`. Written to and read from adapter_config.json unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Literal
@@ -72,6 +73,16 @@ def pattern_key(keys, path: str) -> str | None:
     return next((k for k in keys if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
+def lora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """W + s B A for the streaming merge (delta_weight + AdapterModule.merged_module, in their order). PiSSA
+    adapters are stored as a plain rank-2r LoRA on the original W and merge the same way."""
+    delta = B.float() @ A.float()
+    delta.mul_(scaling)  # = (B A) * s without a second temporary; the same rounding
+    if fan_in_fan_out:
+        delta = delta.T
+    return delta.add_(w.float()).to(w.dtype)  # = W + delta: addition commutes exactly in IEEE arithmetic
+
+
 class LoraLinear(AdapterModule):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base)
@@ -121,6 +132,10 @@ class LoraLinear(AdapterModule):
         """s B A in (out, in) layout, fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def tensor_merges(self, stored):
+        return {"weight": ("modify", functools.partial(lora_merge, A=stored("lora_A.weight"), B=stored("lora_B.weight"),
+                                                       scaling=self.scaling, fan_in_fan_out=self.fan_in_fan_out))}
+
 
 @register
 class LoRA(Method):
@@ -130,6 +145,7 @@ class LoRA(Method):
     summary = "low-rank update W + (alpha/r) B A on chosen linear layers; rsLoRA and LoRA-FA as options"
     Options = LoraOptions
     wrapper_cls = LoraLinear
+    streams = True
     # r and alpha are compared module by module (check_continuation), through rank_pattern / alpha_pattern
     training_only = frozenset({"freeze_a", "r", "alpha", "rank_pattern", "alpha_pattern"})
 

@@ -39,6 +39,7 @@ unselected entries stay bit-identical.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Literal
@@ -147,6 +148,18 @@ class _SparseLinear(torch.autograd.Function):
         return grad_x, None, None, grad_values, None, None, None, None, None
 
 
+def sparse_merge(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """Selected entries (flat positions in the stored layout) = base + values, the others untouched
+    (SparseDeltaLinear.sync), for the streaming merge; indices None: a dense delta (Child-Tuning F). A new
+    tensor: `w` may be a view of the mapped base file."""
+    if indices is None:
+        return (w.float() + values.float().view_as(w)).to(w.dtype)
+    out = w.clone()
+    flat = out.view(-1)
+    flat[indices] = (flat[indices].float() + values.float()).to(w.dtype)
+    return out
+
+
 class SparseDeltaLinear(AdapterModule):
     """A Linear/Conv1D trained at `sparse_indices` only: the trained values are the weights. The selected
     entries of the (frozen, not trainable) base weight hold base + sparse_values, rewritten whenever the
@@ -201,6 +214,12 @@ class SparseDeltaLinear(AdapterModule):
             delta.index_add_(0, self.sparse_indices, self.sparse_values.float())
         delta = delta.view_as(w)
         return delta.T if self.fan_in_fan_out else delta
+
+    def tensor_merges(self, stored):
+        if self.dense:
+            return {"weight": ("modify", functools.partial(sparse_merge, values=stored("sparse_delta"), indices=None))}
+        return {"weight": ("modify", functools.partial(sparse_merge, values=stored("sparse_values"),
+                                                       indices=stored("sparse_indices").long()))}
 
     def merged_module(self) -> nn.Module:
         base = self.base_layer
@@ -260,6 +279,7 @@ class SparseMethod(Method):
     mergeable = True
     peft_type = None
     needs_data = False
+    streams = True
 
     def __init__(self, options: SparseOptions):
         super().__init__(options)
@@ -309,6 +329,9 @@ class SparseMethod(Method):
 
     def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def replaced_tensors(self, model: nn.Module) -> list[str]:
+        return [f"{p}.bias" for p in self.bias_paths]  # train_bias
 
     def install(self, model: nn.Module, scores: dict[str, torch.Tensor] | None, largest: bool = False) -> None:
         """Wrap every eligible layer with its selected entries (scores None: dense delta)."""
