@@ -86,6 +86,10 @@ def new_recipe(model: str, method: str, task: str | None = None, data: str = "da
     from peftcli.methods import get_method
 
     options = get_method(method).Options  # unknown method: UserError naming the choices
+    required = [k for k, f in options.model_fields.items() if f.is_required() and k != "name"]
+    if required:  # hybrid: its parts are the recipe's own choice, there is no default to write
+        raise UserError(f"--method {method}: method.{required[0]} has no default to write; generate the recipe for one of "
+                        f"its parts and edit the method section (hybrid recipes list methods: method: [{{name: lora}}, {{name: ia3}}])")
     base = {"model": {"name_or_path": model, **({"task": task} if task else {})},
             "method": {"name": method}, "data": {"train": {"path": data}},
             "output": {"dir": output or f"runs/{method}"}}
