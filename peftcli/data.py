@@ -11,6 +11,7 @@ encodes alpaca-shaped rows as source (prompt) -> target (response).
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass, field
@@ -422,21 +423,27 @@ def weighted(examples: list[dict], weight: float, rng: random.Random, key: str) 
 
 
 def pack(examples: list[dict], max_length: int, seed: int) -> list[dict]:
-    """Causal-LM rows, in a seeded order, concatenated into blocks of at most max_length tokens (a row never
-    spans two blocks). position_ids restart at every row, which is what keeps attention inside it
-    (peftcli.loss runs attention per segment), and a row's first label is dropped: the previous row's last
-    token would predict it, and in an unpacked batch no position predicts a row's first token either."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    blocks, current, n = [], [], 0
+    """Causal-LM rows packed into blocks of at most max_length tokens by best-fit decreasing (longest row
+    first, into the fullest block it fits; a row never spans two blocks), the blocks in a seeded order.
+    position_ids restart at every row, which is what keeps attention inside it (peftcli.loss runs attention
+    per segment), and a row's first label is dropped: the previous row's last token would predict it, and
+    in an unpacked batch no position predicts a row's first token either."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))  # stable: ties in file order
+    blocks: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, block), sorted: the first that fits is the fullest
     for i in order:
         k = len(examples[i]["input_ids"])
-        if current and n + k > max_length:
-            blocks.append(_block(current))
-            current, n = [], 0
-        current.append(examples[i])
-        n += k
-    return blocks + ([_block(current)] if current else [])
+        j = bisect.bisect_left(free, (k, -1))
+        if j < len(free):
+            left, b = free.pop(j)
+        else:
+            left, b = max_length, len(blocks)
+            blocks.append([])
+        blocks[b].append(i)
+        if left > k:
+            bisect.insort(free, (left - k, b))
+    random.Random(seed).shuffle(blocks)
+    return [_block([examples[i] for i in b]) for b in blocks]
 
 
 def _block(rows: list[dict]) -> dict:

@@ -406,7 +406,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def generation_eval_problem(recipe: Recipe) -> str | None:
     """Why train.generation_eval cannot run on this recipe's data, as far as the recipe alone tells; None if it can.
-    Generation needs held-out rows of a prompt/response format (alpaca or chat) on a causal LM."""
+    Generation needs held-out rows of a prompt/response format (alpaca, chat or sharegpt) on a causal LM or seq2seq model."""
     if recipe.train.generation_eval is None:
         return None
     data = recipe.data
@@ -417,7 +417,7 @@ def generation_eval_problem(recipe: Recipe) -> str | None:
         return "needs held-out rows; set data.eval (a file) or data.eval_ratio, or remove train.generation_eval"
     fmt = (data.eval or data.first_train).format or data.format
     if fmt not in ("alpaca", "chat", "sharegpt"):
-        return (f"needs eval rows with a reference response (format alpaca or chat), but the eval data is format {fmt!r}; "
+        return (f"needs eval rows with a reference response (format alpaca, chat or sharegpt), but the eval data is format {fmt!r}; "
                 "remove train.generation_eval or use alpaca/chat data")
     return None
 
