@@ -123,14 +123,18 @@ def fuse_swiglu(model: nn.Module) -> int:
 class _RMSNorm(torch.autograd.Function):
     """transformers' Llama RMSNorm, `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` (statistics in fp32),
     saving x and the per-row 1/rms only. Backward: with xh = x/rms, u = g*w,
-    dx = (u - xh * mean(u * xh)) / rms; dw = sum over rows of g * xh."""
+    dx = (u - xh * mean(u * xh)) / rms; dw = sum over rows of g * xh.
+    `out_dtype` (the autocast dtype): the output rounded once here. Every consumer of a Llama norm is a linear
+    layer that autocast would feed the same rounded values, once per consumer (q, k, v, and both LoRA paths: six
+    casts of one tensor, and six conversions of its gradient back)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        out = weight * (xf * rstd).to(x.dtype)
+        return out if out_dtype is None else out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -143,14 +147,16 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             xh = x.float() * rstd
             gw = (grad.float() * xh.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return gx, gw, None
+        return gx, gw, None, None
 
 
 RMSNORM_TYPES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * normed, not (1 + weight)
 
 
 def _rmsnorm_forward(self, x):
-    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+    dev = x.device.type
+    lowp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return _RMSNorm.apply(x, self.weight, self.variance_epsilon, lowp)
 
 
 def fuse_rmsnorm(model: nn.Module) -> int:

@@ -106,6 +106,23 @@ def test_fused_rmsnorm_matches_transformers(dtype):
     assert torch.allclose(gwa.float(), gwb.float(), atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
 
+def test_fused_rmsnorm_under_autocast_rounds_once_for_its_consumers():
+    """Under autocast the fused norm hands its linear consumers the bf16 values autocast would cast them to."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    ref = LlamaRMSNorm(24, eps=1e-5)
+    torch.nn.init.normal_(ref.weight, 1.0, 0.3)
+    ours = copy.deepcopy(ref)
+    kernels.fuse_rmsnorm(torch.nn.Sequential(ours))
+    x = (3 * torch.randn(5, 24, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x), ours(x)
+    assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+    g = torch.randn(5, 24).to(torch.bfloat16)
+    (ga,), (gb,) = torch.autograd.grad(a, (x,), g.float()), torch.autograd.grad(b, (x,), g)
+    assert gb.dtype == torch.float32 and torch.allclose(ga, gb, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rope_matches_transformers(dtype):
     from transformers.models.llama.modeling_llama import rotate_half
