@@ -31,6 +31,19 @@ def test_linear_cross_entropy_matches_reference(weight_grad):
         assert torch.allclose(kernels.linear_cross_entropy(h, w, t, chunk_bytes=4 * 300 * 5), ref, atol=1e-6)
 
 
+def test_linear_cross_entropy_target_far_below_the_best():
+    """A target whose probability underflows fp32 (logit 200 nats below the best) still gets its exact loss."""
+    h = torch.eye(3, requires_grad=True)
+    w = torch.zeros(5, 3)
+    w[0, 0] = w[1, 1] = 200.0
+    t = torch.tensor([4, 4, 2])
+    ref = F.cross_entropy((h @ w.T).float(), t)
+    ours = kernels.linear_cross_entropy(h, w, t)
+    assert torch.isfinite(ours) and torch.allclose(ours, ref, rtol=1e-6)
+    (ga,), (gb,) = torch.autograd.grad(ref, (h,)), torch.autograd.grad(ours, (h,))
+    assert torch.allclose(ga, gb, atol=1e-6)
+
+
 def test_fused_swiglu_same_outputs_and_gradients():
     ref = tiny_model("llama").train()
     model = copy.deepcopy(ref)
