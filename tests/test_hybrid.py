@@ -259,3 +259,20 @@ def test_every_training_hook_reaches_every_part():
             assert (i, hook) in calls, (i, hook)
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(".lora_B." in n for n in moved) and any(n.endswith(".ia3_l") for n in moved)  # both parts in the optimizer
+
+
+def test_mam_without_its_prefix_is_its_parallel_adapter():
+    """The parts compose: MAM with the prefix switched off computes what its parallel part alone computes."""
+    from conftest import perturb
+
+    mam, model = build_method(MAM), tiny_model("llama")
+    mam.apply(model)
+    perturb(model)
+    ids = torch.randint(5, 1000, (2, 9))
+    alone, base = build_method(mam.parts[1].opts), tiny_model("llama")
+    alone.apply(base)
+    alone.load_state_dict(base, mam.part_state(mam.state_dict(model), [1]))
+    with torch.no_grad(), mam.parts[0].disabled():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    with torch.no_grad():  # and the prefix is what makes them differ
+        assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-3
