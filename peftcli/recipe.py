@@ -430,10 +430,14 @@ def recipe_from_dict(data: dict, source: str = "recipe", lines: dict | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_errors(exc, Recipe, lines, source, data=data, set_by=set_by)) from None
-    sections = recipe.method if isinstance(recipe.method, list) else [recipe.method]
+    if isinstance(recipe.method, list):
+        sections = [(("method", i), s) for i, s in enumerate(recipe.method)]
+    else:  # {name: hybrid, parts: [...]}: each part first, so an error names its key (method.parts.0.r)
+        inner = recipe.method.get("parts") if recipe.method.get("name") == "hybrid" else None
+        inner = inner if isinstance(inner, list) and all(isinstance(x, dict) for x in inner) else []
+        sections = [(("method", "parts", i), s) for i, s in enumerate(inner)] + [(("method",), recipe.method)]
     parts = []
-    for i, section in enumerate(sections):
-        prefix = ("method", i) if isinstance(recipe.method, list) else ("method",)
+    for prefix, section in sections:
         key = ".".join(map(str, prefix))
         name = section.get("name")
         if name not in available_methods():
