@@ -220,16 +220,18 @@ def test_merge_refuses_and_partial_merge_is_equivalent(prefix_lora, tmp_path, ti
         assert (probe_logits(base.loaded.model, tok) - a).abs().max() > 1e-3
 
 
-def test_inspect_reports_the_inference_cost(data, tiny_llama_dir):
+def test_inspect_reports_the_inference_cost(data, tiny_llama_dir, prefix_lora):
     tmp, train, eval_ = data
     recipe = hybrid_recipe(tmp, tiny_llama_dir, train, eval_, [PREFIX, LORA], "inspect")
-    result = invoke("inspect", recipe, "--json")
-    assert result.exit_code == 0, result.output
-    rep = json.loads(result.stdout)
     layers, heads, head_dim = 2, 4, 8
-    assert rep["virtual_tokens"] == N_VIRTUAL
-    assert rep["added_flops_per_token"] == 4 * N_VIRTUAL * heads * head_dim * layers  # q.k and a.v over n more keys
-    assert [p["method"] for p in rep["parts"]] == ["prefix_tuning", "lora"]
+    for target in (recipe, prefix_lora):  # a recipe, and the trained adapter directory
+        result = invoke("inspect", target, "--json")
+        assert result.exit_code == 0, result.output
+        rep = json.loads(result.stdout)
+        assert rep["virtual_tokens"] == N_VIRTUAL
+        assert rep["added_flops_per_token"] == 4 * N_VIRTUAL * heads * head_dim * layers  # q.k and a.v over n more keys
+        assert rep["inference_cost"]["added_flops_per_token"] == rep["added_flops_per_token"]
+        assert [p["method"] for p in rep["parts"]] == ["prefix_tuning", "lora"]
     table = invoke("inspect", recipe).output
     assert f"+{4 * N_VIRTUAL * heads * head_dim * layers:,} FLOPs per token" in table, table
     assert f"{N_VIRTUAL} virtual tokens" in table, table
