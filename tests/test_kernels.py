@@ -238,3 +238,25 @@ def test_autocast_weight_cache_same_values_and_follows_weight_changes():
     (ga,), (gb,) = torch.autograd.grad(a.float().sum(), (x,)), torch.autograd.grad(b.float().sum(), (x,))
     assert torch.equal(ga, gb)
     assert torch.equal(lin(x), ref(x))  # without autocast: the fp32 weight itself
+
+
+def test_segment_attention_bf16_runs_in_fp32():
+    """bf16 q/k/v (autocast or a bf16 base) on CPU: per-sequence causal attention computed in fp32, handed back
+    in bf16, equal to the fp32 computation rounded once; gradients in bf16."""
+    from types import SimpleNamespace
+
+    from peftcli.loss import segment_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 8, generator=gen) for h in (4, 2, 2))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    mod = SimpleNamespace(training=True)
+    ref, _ = segment_attention(mod, q, k, v, None, scaling=0.3, position_ids=pos)
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = segment_attention(mod, qb, kb, vb, None, scaling=0.3, position_ids=pos)
+    exact, _ = segment_attention(mod, qb.float(), kb.float(), vb.float(), None, scaling=0.3, position_ids=pos)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous() and torch.equal(out, exact.to(torch.bfloat16))
+    assert torch.allclose(out.float(), ref, atol=3e-2)
+    grads = torch.autograd.grad(out.float().sum(), (qb, kb, vb))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
