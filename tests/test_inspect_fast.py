@@ -24,6 +24,9 @@ METHODS = {
     "ia3": {"name": "ia3"},
     "hiwi": {"name": "hiwi", "r": 2},
     "said": {"name": "said", "d": 200},
+    "houlsby": {"name": "houlsby"},
+    "prompt_tuning": {"name": "prompt_tuning"},
+    "prefix_tuning": {"name": "prefix_tuning"},
     "pafi": {"name": "pafi"},  # its mask comes from the base weights: the loaded path answers
 }
 
