@@ -146,6 +146,7 @@ def _peft_adalora_pruned(model):
     """A pruned AdaLoRA as PEFT writes it: a few steps with its own update_and_allocate."""
     from peft import AdaLoraConfig, get_peft_model
 
+    torch.manual_seed(0)  # PEFT's pruning follows the data and its init: fixed here, not by the tests run before
     pm = get_peft_model(model, AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=5, deltaT=1,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
@@ -360,3 +361,30 @@ def test_train_continues_a_peft_adapter_and_refuses_mismatches(tmp_path, tiny_ll
             _trainer(_recipe(tmp_path, tiny_llama_dir, data_files, "bad", **method))
         msg = str(exc.value)
         assert "method.init_from" in msg and "\n" not in msg and fragment in msg, msg
+
+
+def test_peft_adalora_with_a_module_pruned_to_rank_0_loads(tiny_llama_dir, tmp_path):
+    """PEFT stores a module whose rank_pattern is all False as empty tensors: it loads as rank 0 (no update),
+    with PEFT's own reload's logits."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = _peft_adalora_pruned(load_base(tiny_llama_dir, "causal-lm"))
+        pattern = pm.peft_config["default"].rank_pattern
+        gone = sorted(pattern)[0]
+        pattern[gone] = [False] * len(pattern[gone])
+        pm.save_pretrained(tmp_path / "peft")
+        ref = logits(PeftModel.from_pretrained(load_base(tiny_llama_dir, "causal-lm"), tmp_path / "peft").eval())
+    from safetensors.torch import load_file
+
+    module = gone.split(".lora_E")[0]  # PEFT's key: <module>.lora_E.default
+    stored = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert stored[f"base_model.model.{module}.lora_E"].shape[0] == 0
+    adapter = adapter_io.read_adapter(tmp_path / "peft")
+    method = adapter_io.method_for(adapter)
+    model = load_base(tiny_llama_dir, "causal-lm")
+    method.apply(model, "causal-lm")
+    method.load_state_dict(model, adapter_io.load_tensors(adapter))
+    assert model.get_submodule(module).rank == 0
+    assert (logits(model) - ref).abs().max() <= TOL

@@ -25,7 +25,8 @@ Storage (HF PEFT layout, peft_type ADALORA): `<path>.lora_A`, `.lora_B`, `.lora_
 kept triplets, and `rank_pattern` (kept mask per `<path>.lora_E`) in adapter_config.json, so PEFT's
 own resize-on-load applies. `ranknum` is not stored (PEFT does not store it either: it is init_r).
 Our choice: a module pruned to rank 0 still stores one triplet with E = 0 (no empty tensors on disk);
-it contributes nothing, but after a reload it reports rank 1.
+it contributes nothing, but after a reload it reports rank 1. PEFT writes such a module as empty
+tensors; those load as rank 0.
 Merge: W += s * P diag(E * mask) Q.
 """
 
@@ -313,7 +314,7 @@ class AdaLoRA(LoRA):
         for path, w in wrappers.items():
             key = f"{PREFIX}{path}.lora_E"
             k = sd[key].shape[0] if key in sd else w.r
-            if not 1 <= k <= w.r:
+            if not 0 <= k <= w.r:  # 0: PEFT pruned the module away (its rank_pattern all False)
                 raise UserError(f"adapter tensor {key} has rank {k}; this method's init_r is {w.r}")
             ranks[path] = k
             for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
