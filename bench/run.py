@@ -932,10 +932,10 @@ def parse_args(argv):
     g.add_argument("--repeats", type=int, help="runs per side (default 3; quick 1)")
     g.add_argument("--batch", type=int, default=4)
     g.add_argument("--seq", type=int, default=256, help="max length (alpaca-pad256: padded length; default 256)")
-    g.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {','.join(WORKLOADS)} (default all)")
+    g.add_argument("--workloads", help=f"comma-separated, from {','.join(WORKLOADS)} (default all; quick alpaca,c4-text)")
     g.add_argument("--precisions", default="fp32,bf16", help="fp32 (peftcli and peft on every workload), bf16 (peftcli "
                    "autocast, peftcli bf16 base, peft autocast on --bf16-workloads); default both")
-    g.add_argument("--bf16-workloads", default="alpaca,c4-text", help="workloads with the bf16 rows (default alpaca,c4-text)")
+    g.add_argument("--bf16-workloads", help="workloads with the bf16 rows (default alpaca,c4-text; quick alpaca)")
     g.add_argument("--no-pafi", dest="pafi", action="store_false", help="skip the PaFi row beside LoRA on alpaca-pad256")
     g.add_argument("--gsm8k-rows", type=int, default=1000, help="GSM8K train rows for the gsm8k workload (default 1000)")
     g = p.add_argument_group("quality")
@@ -955,7 +955,8 @@ def parse_args(argv):
     g.add_argument("--startup-repeats", type=int, help="default 5; quick 3")
     a = p.parse_args(argv)
     q = a.quick
-    defaults = {"steps": (12, 4), "repeats": (3, 1), "seeds": ("42,43,44", "42"), "cls_steps": (100, 10),
+    defaults = {"steps": (12, 4), "repeats": (3, 1), "workloads": (",".join(WORKLOADS), "alpaca,c4-text"),
+                "bf16_workloads": ("alpaca,c4-text", "alpaca"), "seeds": ("42,43,44", "42"), "cls_steps": (100, 10),
                 "cls_eval_rows": (None, 200), "merge_repeats": (3, 1), "lat_rounds": (15, 3), "startup_repeats": (5, 3)}
     for k, (full, quick) in defaults.items():
         if getattr(a, k) is None:
