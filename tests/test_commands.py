@@ -118,6 +118,7 @@ def test_full_and_freeze_store_changed_tensors_and_merge(lora_run, tiny_llama_di
 
     res = json.loads(invoke("merge", tmp_path / "run", "-o", tmp_path / "merged", "--json").stdout)
     assert res["verified"] and res["max_abs_diff"] == 0.0  # the stored tensors are the weights: nothing to round
+    assert res["path"] == "streaming"  # shard by shard, the stored tensors replacing the base's
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     assert set(merged) == set(base_sd)
     assert all(torch.equal(merged[k], stored[k] if k in expected else base_sd[k]) for k in base_sd)

@@ -4,7 +4,8 @@ the rest frozen).
 
 Nothing is wrapped: the trained tensors are the weights, so the stored checkpoint is merge-ready as it is
 (`full` stores every tensor, `freeze` only the ones it changed) and `merge` has nothing to fold: loading the
-tensors over the base *is* the merged model. Stored as `base_model.model.<parameter name>` (peftcli-only
+tensors over the base *is* the merged model (streamed shard by shard: every stored tensor replaces its base
+tensor). Stored as `base_model.model.<parameter name>` (peftcli-only
 layout: HF PEFT has no full fine-tuning adapter). Tied weights (an output head sharing the embedding) are
 one parameter, stored once under its first name; loading it sets both, as the trained model had it.
 """
@@ -39,6 +40,7 @@ class _Dense(Method):
 
     family = "partial"
     mergeable = True
+    streams = True  # `merge` streams shard by shard: each stored tensor replaces its base tensor
     peft_type = None
 
     def __init__(self, options):
@@ -68,6 +70,10 @@ class _Dense(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # the trained tensors are the weights already
+
+    def replaced_tensors(self, model: nn.Module) -> list[str]:
+        saved = tuple(f"{m}." for m in self.saved_modules)  # a head's tensors: modules_to_save's own edits
+        return [n for n in self.trained if not n.startswith(saved)]
 
     def describe(self, model: nn.Module) -> dict:
         return {**super().describe(model), "trained_tensors": len(self.trained)}
