@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_task_rows, recipe_dict, shared_data, tiny_model, tiny_tokenizer, write_jsonl, write_recipe
+from conftest import (
+    copy_task_rows,
+    recipe_dict,
+    shared_data,
+    tiny_model,
+    tiny_tokenizer,
+    write_jsonl,
+    write_recipe,
+)
 from typer.testing import CliRunner
 
 from peftcli.cli import app
