@@ -682,6 +682,9 @@ SIDE_LABELS = {
 
 
 def train_report(r: dict) -> list[str]:
+    if "workloads" not in r:  # a train.json from before the per-workload section
+        return ["## Training throughput", "", f"train.json from {r.get('date')} is in the earlier one-workload format; "
+                "rerun `python -m bench.run --only train`.", ""]
     z = r["sizes"]
     pk = r.get("peak") or {}
     peaks = "; ".join(f"{fmt(x.get('fp32_gflops'), 0)} / {fmt(x.get('bf16_gflops'), 0)} at load {fmt((x.get('loadavg') or [None])[0], 1)}"
