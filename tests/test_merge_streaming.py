@@ -99,6 +99,8 @@ CASES = {
     "gpt2-pafi-conv1d-bias": ("gpt2", {"name": "pafi", "density": 0.05, "train_bias": True, "scope": "per_tensor"}, None),
     "bert-pafi-pooler": ("bert", {"name": "pafi", "density": 0.05}, None),
     "llama-child-tuning-f": ("llama", {"name": "child_tuning", "mode": "f"}, None),
+    "gpt2-full-tied-head": ("gpt2", {"name": "full"}, None),
+    "bert-freeze-last-block": ("bert", {"name": "freeze", "last_k": 1}, None),
 }
 
 
