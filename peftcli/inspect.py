@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.methods.hybrid import inference_cost
 from peftcli.methods.targets import layer_index
 
 
@@ -114,6 +115,11 @@ def _report(model, by: str, kind: str, source: str, method=None, size: int | Non
         report["method"] = method.name
         report["adapter_bytes"] = size
         report.update(method.describe(model))
+        cost = inference_cost([report])
+        if cost:  # additive methods: what they add to every forward, beside the base's ~2 FLOPs per weight
+            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            n_emb = sum(p.numel() for p in emb.parameters()) if emb is not None else 0
+            report["inference_cost"] = {**cost, "base_flops_per_token": 2 * (total - trainable - n_emb)}
     report.update(extra or {})
     return report
 
