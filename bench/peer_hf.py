@@ -1,9 +1,9 @@
 """The anchor side of the benchmark: Hugging Face PEFT (`peft` + plain transformers + a plain torch loop).
 
 This is meant to be an honest best use of `peft`: its documented API (`get_peft_model`, `LoraConfig`,
-`PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`), torch's AdamW with its default
-(foreach) implementation, transformers' default attention (SDPA), no gradient checkpointing, no
-handicaps. Every hyperparameter is read from the same recipe YAML (plus the same --set overrides) that
+`PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`), torch's fused AdamW (what
+transformers' Trainer uses by default with torch >= 2.8, `optim="adamw_torch_fused"`; peftcli uses it
+too), transformers' default attention (SDPA), no gradient checkpointing, no handicaps. Every hyperparameter is read from the same recipe YAML (plus the same --set overrides) that
 peftcli trains from, so both sides get identical settings.
 
 Subcommands (each run is its own process, so the parent measures its peak RSS):
@@ -80,7 +80,7 @@ def make_optimizer(params, hp: dict):
     import torch
     from transformers import get_scheduler
 
-    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=True)
     sched = get_scheduler(hp["scheduler"], opt, num_warmup_steps=warmup_steps(hp), num_training_steps=hp["max_steps"])
     return opt, sched
 
