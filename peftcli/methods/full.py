@@ -21,18 +21,7 @@ from torch import nn
 from peftcli.errors import UserError
 from peftcli.methods import register
 from peftcli.methods.base import PREFIX, Method, MethodOptions, TargetSpec
-from peftcli.methods.targets import LAYER_PATTERNS, match_list
-
-
-def transformer_blocks(model: nn.Module) -> tuple[str, int]:
-    """(path, count) of the model's stack of transformer blocks: the longest ModuleList named like one
-    (layers, h, layer, block, blocks)."""
-    stacks = [(n, len(m)) for n, m in model.named_modules()
-              if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in LAYER_PATTERNS and len(m)]
-    if not stacks:
-        raise UserError("method 'freeze': found no stack of transformer blocks in this model; "
-                        "name the modules to train with method.modules and set method.last_k: null")
-    return max(stacks, key=lambda s: s[1])
+from peftcli.methods.targets import match_list, transformer_blocks
 
 
 class _Dense(Method):
@@ -109,7 +98,7 @@ class Freeze(_Dense):
     def trainable_modules(self, model: nn.Module) -> list[str]:
         opts, paths = self.opts, []
         if opts.last_k is not None:
-            stack, n = transformer_blocks(model)
+            stack, n = transformer_blocks(model, "freeze", "name the modules to train with method.modules and set method.last_k: null")
             if opts.last_k > n:
                 raise UserError(f"method.last_k: {opts.last_k} blocks asked, the model has {n} ({stack}); use at most {n}")
             paths += [f"{stack}.{i}" for i in range(n - opts.last_k, n)]

@@ -58,13 +58,13 @@ def layer_index(name: str, patterns=None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def transformer_blocks(model: nn.Module, method: str = "this method") -> tuple[str, int]:
+def transformer_blocks(model: nn.Module, method: str = "this method", fix: str = "") -> tuple[str, int]:
     """(path, count) of the model's stack of transformer blocks: the longest ModuleList named like one
-    (LAYER_PATTERNS)."""
+    (LAYER_PATTERNS). `fix`: how the user gets around a model without one."""
     stacks = [(n, len(m)) for n, m in model.named_modules()
               if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in LAYER_PATTERNS and len(m)]
     if not stacks:
-        raise UserError(f"method {method!r}: found no stack of transformer blocks in this model")
+        raise UserError(f"method {method!r}: found no stack of transformer blocks in this model" + (f"; {fix}" if fix else ""))
     return max(stacks, key=lambda s: s[1])
 
 
