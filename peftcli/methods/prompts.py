@@ -218,6 +218,9 @@ class VirtualTokens(Method):
         return g["layers"] * 2 * g["kv_dim"] if self.kind == "prefix" else g["d"]
 
     def inject(self, model: nn.Module) -> None:
+        if getattr(model.config, "is_encoder_decoder", False):  # the hooks sit on a decoder-only or encoder backbone
+            raise UserError(f"method {self.name!r} does not support encoder-decoder (seq2seq) models yet; "
+                            "use lora or ia3 with model.task: seq2seq")
         bb = backbone(model)
         emb = bb.get_input_embeddings()
         self.dims = dims(model)
