@@ -305,8 +305,9 @@ def main(argv=None) -> int:
             "value": peak[k] - fl, "target": f"<= {budget:.0f} MB", "met": peak[k] - fl <= budget}
         res["targets"][f"{k}: wall time / (cp + fsync) <= 1.5"] = {
             "value": res["ratios"][k]["wall_over_cp_sync"], "target": "<= 1.5", "met": res["ratios"][k]["wall_over_cp_sync"] <= 1.5}
-    res["targets"]["bit-identical to the in-memory merge (all-linear)"] = {
-        "value": bool(identity and identity["bit_identical"]), "target": "true", "met": bool(identity and identity["bit_identical"])}
+    if identity is not None:  # not run for the large model (the in-memory merge holds it twice)
+        res["targets"]["bit-identical to the in-memory merge (all-linear)"] = {
+            "value": identity["bit_identical"], "target": "true", "met": identity["bit_identical"]}
     out.mkdir(parents=True, exist_ok=True)
     name = "merge_stream" + ("" if size == "full" else f"_{size}")
     (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
