@@ -111,7 +111,8 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
     from peftcli import streaming
 
     output = Path(output)
-    method = adapter_io.method_for(adapter_io.read_adapter(path))
+    adapter = adapter_io.read_adapter(path)
+    method = adapter_io.method_for(adapter)
     if not method.mergeable and not (partial and hasattr(method, "mergeable_parts")):
         raise UserError(method.merge_refusal())
     if output.exists() and any(output.iterdir() if output.is_dir() else [output]) and not overwrite:
@@ -124,23 +125,18 @@ def merge_adapter(path: str | Path, output: str | Path, base: str | None = None,
     plan: streaming.Plan | str = "--in-memory"
     prefill = tmp = created = None
     if not in_memory:
-        adapter = adapter_io.read_adapter(path)
         cfg = base_model_cfg(adapter, base, dtype)
         tmp, created = _make_tmp(output)
         try:
             prefill = streaming.start_prefill(adapter, cfg, tmp)  # copies the base while the plan is made
-            plan = streaming.plan_merge(adapter, cfg, force)
+            plan = streaming.plan_merge(adapter, cfg, force, prefill.files if prefill is not None else None)
         except BaseException:
-            if prefill is not None:
-                prefill.cancel()
-            _cleanup(tmp, created)
+            _cleanup(tmp, created, prefill)
             raise
     t_plan = time.perf_counter() - t0
     if isinstance(plan, str):
         if tmp is not None:
-            if prefill is not None:
-                prefill.cancel()
-            _cleanup(tmp, created)
+            _cleanup(tmp, created, prefill)
         res = _merge_in_memory(path, output, base, dtype, force, verify)
         res.update(path="in-memory", in_memory_reason=plan)
     else:
@@ -170,7 +166,10 @@ def _make_tmp(output: Path) -> tuple[Path, Path | None]:
     return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-")), created
 
 
-def _cleanup(tmp: Path, created: Path | None) -> None:
+def _cleanup(tmp: Path, created: Path | None, prefill=None) -> None:
+    """Remove the temp directory (after stopping the early copy into it, if one runs)."""
+    if prefill is not None:
+        prefill.cancel()
     shutil.rmtree(tmp, ignore_errors=True)
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
@@ -226,9 +225,7 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
             phases["verify_reload"] = round(time.perf_counter() - t, 2)
         _publish(tmp, output)
     except BaseException:
-        if prefill is not None:
-            prefill.cancel()
-        _cleanup(tmp, created)
+        _cleanup(tmp, created, prefill)
         raise
     res = {"output": str(output), "method": plan.method, "dtype": plan.dtype, "max_abs_diff": max_diff, "tolerance": tol,
            "path": "streaming", "verified": do_verify, **facts, "phase_seconds": phases}
@@ -242,9 +239,7 @@ def _merge_streaming(plan, path, output: Path, base, dtype, force, verify, progr
 def _merge_in_memory(path, output: Path, base, dtype, force, verify) -> dict:
     from peftcli.models import DTYPES, model_class_for
 
-    a = load_adapted(path, base, dtype, force)
-    if not a.method.mergeable:
-        raise UserError(f"method {a.method.name!r} cannot be folded into the base weights; use `peftcli export --format peft`")
+    a = load_adapted(path, base, dtype, force)  # merge_adapter refused a non-mergeable method already
     do_verify = verify is not False
     model, tok = a.loaded.model, a.loaded.tokenizer
     if tok.pad_token is None:

@@ -215,17 +215,18 @@ def _key_map(keys: list[str], where: dict[str, str], prefix: str) -> dict[str, s
     return out
 
 
-def plan_merge(adapter: adapter_io.AdapterDir, cfg, force: bool = False) -> Plan | str:
+def plan_merge(adapter: adapter_io.AdapterDir, cfg, force: bool = False, files: BaseFiles | None = None) -> Plan | str:
     """Everything the streaming merge needs, checked before a byte is written: the base's files,
     shapes against its config, the fingerprint, the adapter against the model. Returns the reason as
-    a string where this merge needs the in-memory path; raises UserError for bad input."""
+    a string where this merge needs the in-memory path; raises UserError for bad input. `files`: the
+    base's checked headers when the caller has read them already (the early copy)."""
     from peftcli.models import load_tokenizer, model_class_for, quiet_transformers
 
     quiet_transformers()
     model_dir = local_model_dir(cfg)
     if isinstance(model_dir, str):
         return model_dir
-    files = base_files(model_dir)
+    files = files or base_files(model_dir)
     if files is None:
         return f"{model_dir} has no safetensors weights"
     name = (adapter.options.name if adapter.options is not None else None) or "?"
@@ -290,7 +291,7 @@ def plan_merge(adapter: adapter_io.AdapterDir, cfg, force: bool = False) -> Plan
         arch = f"{getattr(config, 'model_type', '?')}, hidden size {getattr(config, 'hidden_size', '?')}"
         raise UserError(f"adapter {adapter.path} does not fit the base {cfg.name_or_path} ({arch}): {exc}") from None
     if not method.mergeable:
-        raise UserError(f"method {method.name!r} cannot be folded into the base weights; use `peftcli export --format peft`")
+        raise UserError(method.merge_refusal())
     edits = tensor_edits(method, model, stored)
     if isinstance(edits, str):
         return edits
