@@ -100,7 +100,8 @@ class AdapterModule(nn.Module):
     def tensor_merges(self, stored: Callable[[str], torch.Tensor]) -> dict[str, tuple[str, Any]] | str:
         """`merged_module` one tensor at a time, for the streaming merge (which never builds the model):
         {local tensor name ("weight", "bias"): ("modify", fn) | ("replace", tensor)}, where fn maps the base
-        tensor (the model's dtype, its storage layout: (in, out) for Conv1D) to the merged one, and
+        tensor (the model's dtype, its storage layout: (in, out) for Conv1D) to the merged one (a new tensor:
+        the base tensor is a view of the mapped file, whose pages are released before the write), and
         `stored(name)` gives this wrapper's stored tensors by local name ("lora_A.weight"). It must repeat
         `merged_module`'s operations in order (the output is checked bit for bit against the in-memory merge).
         A string says why there is none: the in-memory path merges."""
