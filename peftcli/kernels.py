@@ -38,6 +38,24 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
+VOCAB_BLOCK = 4096  # head rows per product in _project
+
+
+def _project(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits `h @ w.T`, one vocabulary block at a time into the output's columns. With a large
+    vocabulary and few rows one product spends its time writing the output (SmolLM2's 170 x 49152 at
+    ~120 GFLOP/s on one core); blocks of 4096 head rows run at ~140-160, the backward's rate."""
+    if w.shape[0] <= 2 * VOCAB_BLOCK:
+        return (h @ w.T).float()
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, w.shape[0], VOCAB_BLOCK):
+        if h.dtype == torch.float32:
+            torch.mm(h, w[s:s + VOCAB_BLOCK].T, out=out[:, s:s + VOCAB_BLOCK])
+        else:
+            out[:, s:s + VOCAB_BLOCK] = h @ w[s:s + VOCAB_BLOCK].T
+    return out
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows, dtype):
@@ -49,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for a in range(0, n, chunk_rows):
             h, t = hid[a:a + chunk_rows], targets[a:a + chunk_rows]
-            logits = (h @ w.T).float()
+            logits = _project(h, w)
             # softmax in one fused kernel (logsumexp, then subtracting and exponentiating, took five passes);
             # loss = -log p_t, exact unless p_t underflows (a target ~100 nats below the best): those rows
             # take lse - logit_t

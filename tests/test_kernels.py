@@ -15,8 +15,14 @@ from peftcli.loss import LossModel
 from peftcli.methods import build_method
 
 
+@pytest.mark.parametrize("vocab_block", [None, 64], ids=["one-product", "vocab-blocks"])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_linear_cross_entropy_matches_reference(weight_grad):
+def test_linear_cross_entropy_matches_reference(weight_grad, vocab_block, monkeypatch):
+    if vocab_block:  # 300 head rows in 5 blocks of 64, the last one short
+        monkeypatch.setattr(kernels, "VOCAB_BLOCK", vocab_block)
+        calls = []
+        real_mm = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[1].shape[1]) or real_mm(*a, **k))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(300, 16, generator=g, requires_grad=weight_grad)
@@ -24,6 +30,8 @@ def test_linear_cross_entropy_matches_reference(weight_grad):
     ref = F.cross_entropy((h @ w.T).float(), t)
     ours = kernels.linear_cross_entropy(h, w, t, chunk_bytes=4 * 300 * 5)  # 8 chunks, the last one short
     assert torch.allclose(ours, ref, atol=1e-6)
+    if vocab_block:  # the logits were projected block by block
+        assert 64 in calls and 300 - 4 * 64 in calls and 300 not in calls
     inputs = (h, w) if weight_grad else (h,)
     for a, b in zip(torch.autograd.grad(2.5 * ref, inputs), torch.autograd.grad(2.5 * ours, inputs), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
@@ -200,9 +208,12 @@ def test_lora_bf16_path_matches_fp32(autocast):
         assert (a - b).norm() <= 0.03 * b.norm()
 
 
-def test_linear_cross_entropy_under_autocast():
+@pytest.mark.parametrize("vocab_block", [None, 64], ids=["one-product", "vocab-blocks"])
+def test_linear_cross_entropy_under_autocast(vocab_block, monkeypatch):
     """Under autocast the head's products run in bf16 (as `hidden @ weight.T` would), the loss and softmax in
     fp32, and the hidden gradient comes back in the hidden states' dtype."""
+    if vocab_block:
+        monkeypatch.setattr(kernels, "VOCAB_BLOCK", vocab_block)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(300, 16, generator=g)
