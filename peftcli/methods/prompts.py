@@ -44,6 +44,8 @@ VIRTUAL = "peftcli_virtual"  # the backbone's submodule holding the method's ten
 ATTENTION = "peftcli_prefix"  # the registered attention function of prefix tuning
 KEY = "prompt_embeddings"  # HF PEFT's tensor name
 HEAD_PREFIX = "base_model."  # HF PEFT's prompt-learning key prefix for modules_to_save (no LoraModel in between)
+CHECKPOINTING = ("prefix_tuning on an encoder-decoder keeps its prefix in the decoder's cache, which gradient checkpointing "
+                 "drops (HF PEFT refuses it too); set train.gradient_checkpointing: false or use prompt_tuning")
 
 
 # ----------------------------------------------------------------------------- options
@@ -137,6 +139,16 @@ def dims(model: nn.Module) -> dict[str, int]:
             "kv_dim": kv_heads * head_dim}
 
 
+def _learned_positions(model: nn.Module, module: nn.Module, emb: nn.Module) -> int | None:
+    """max_position_embeddings when `module` has learned absolute positions (GPT-2, BERT; BART's table has 2 more
+    rows, an offset), else None: the virtual tokens take n of those positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    found = any(isinstance(m, nn.Embedding) and m is not emb and limit <= m.num_embeddings <= limit + 2 for m in module.modules())
+    return limit if found else None
+
+
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name (GPT-2's head passes input_ids positionally)."""
     if not args:
@@ -207,6 +219,10 @@ class VirtualTokens(Method):
         self._kv: torch.Tensor | None = None  # prefix keys/values of the current forward, (layers*2, kv_heads, n, head_dim)
         self._hooks: list = []
         self._max_positions: int | None = None
+        self.seq2seq = False  # an encoder-decoder (T5, BART): hooks on its encoder and decoder instead of the backbone
+        self.rows = self.n  # rows of the stored tensor: HF PEFT keeps 2n for prompt / P-tuning on seq2seq
+        self._decoder_layers = 0
+        self._prefix_decoder: nn.Module | None = None
 
     # ------------------------------------------------------------- injection
     def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
@@ -218,15 +234,27 @@ class VirtualTokens(Method):
         return g["layers"] * 2 * g["kv_dim"] if self.kind == "prefix" else g["d"]
 
     def inject(self, model: nn.Module) -> None:
-        if getattr(model.config, "is_encoder_decoder", False):  # the hooks sit on a decoder-only or encoder backbone
-            raise UserError(f"method {self.name!r} does not support encoder-decoder (seq2seq) models yet; "
-                            "use lora or ia3 with model.task: seq2seq")
-        bb = backbone(model)
-        emb = bb.get_input_embeddings()
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.rows = 2 * self.n if self.seq2seq and self.kind == "input" else self.n  # PEFT's num_transformer_submodules * n
         self.dims = dims(model)
+        if self.seq2seq:
+            self._check_seq2seq(model)
+        emb = backbone(model).get_input_embeddings()
         half = emb.weight.dtype in (torch.float16, torch.bfloat16)  # half-precision bases train fp32 prompts
         factory = {"device": emb.weight.device, "dtype": torch.float32 if half else emb.weight.dtype}
-        bb.add_module(VIRTUAL, self.make_source(model, factory))
+        holder = self._holder(model)
+        holder.add_module(VIRTUAL, self.make_source(model, factory))
+        setattr(model, PADDING_FREE_MARK, False)  # LossModel: no flattened (padding-free) batches
+        if self.seq2seq:
+            self._inject_seq2seq(model)
+        else:
+            self._inject_backbone(model)
+        for p in self.source(model).parameters():
+            p.requires_grad_(True)
+
+    def _inject_backbone(self, model: nn.Module) -> None:
+        bb = backbone(model)
+        emb = bb.get_input_embeddings()
         if self.kind == "prefix":
             attn = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "is_causal")
                     and not getattr(m, "is_cross_attention", False)]
@@ -242,19 +270,123 @@ class VirtualTokens(Method):
             for m in attn:
                 m.peftcli_prefix = (self, m.layer_idx)
         # learned absolute positions (GPT-2, BERT) end at max_position_embeddings: the virtual tokens take n of them
-        cfg = model.config
-        limit = getattr(cfg, "max_position_embeddings", None)
-        self._max_positions = limit if any(isinstance(m, nn.Embedding) and m.num_embeddings == limit and m is not emb
-                                           for m in bb.modules()) else None
-        setattr(model, PADDING_FREE_MARK, False)  # LossModel: no flattened (padding-free) batches
+        self._max_positions = _learned_positions(model, bb, emb)
         self._hooks = [bb.register_forward_pre_hook(self._before, with_kwargs=True),
                        bb.register_forward_hook(self._after, with_kwargs=True)]
-        for p in self.source(model).parameters():
-            p.requires_grad_(True)
+
+    # ------------------------------------------------------------- encoder-decoder (seq2seq)
+    def _holder(self, model: nn.Module) -> nn.Module:
+        """The module that holds VIRTUAL: the backbone; on seq2seq the encoder (input tokens) or the decoder (prefix),
+        whose hook reads it."""
+        if not self.seq2seq:
+            return backbone(model)
+        return model.get_encoder() if self.kind == "input" else model.get_decoder()
+
+    def _check_seq2seq(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        if not (callable(getattr(model, "get_encoder", None)) and callable(getattr(model, "get_decoder", None))):
+            raise UserError(f"{self.name}: {name} has no get_encoder()/get_decoder(); use lora or ia3 with model.task: seq2seq")
+        cfg = model.config
+        self._decoder_layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or self.dims["layers"]
+        if self.kind == "prefix":
+            heads = getattr(cfg, "decoder_attention_heads", None) or self.dims["heads"]
+            if self._decoder_layers != self.dims["layers"] or heads != self.dims["heads"]:
+                raise UserError(f"prefix_tuning: {name}'s decoder ({self._decoder_layers} layers, {heads} heads) differs from "
+                                f"its encoder ({self.dims['layers']} layers, {self.dims['heads']} heads); HF PEFT's layout sizes "
+                                "the prefixes by the encoder: use prompt_tuning or lora")
+
+    def _inject_seq2seq(self, model: nn.Module) -> None:
+        """Prompt / P-tuning: the encoder's pre-hook prepends the first n prompt rows to its input embeddings and
+        n ones to its mask; its outputs keep the n positions (the decoder cross-attends to them), and the
+        decoder's pre-hook extends the cross-attention mask where it still has the real length (`generate`
+        runs the encoder itself, then passes the original mask with every decoder step).
+        Prefix tuning: the decoder's pre-hook puts the prefix keys/values in its self-attention cache (a new
+        cache, or `generate`'s empty one), as HF PEFT does; the encoder gets none."""
+        enc, dec = model.get_encoder(), model.get_decoder()
+        emb = model.get_input_embeddings()
+        if self.kind == "input":
+            self._max_positions = _learned_positions(model, enc, emb)
+            self._hooks = [enc.register_forward_pre_hook(self._encoder_before, with_kwargs=True)]
+        else:
+            self._max_positions = _learned_positions(model, dec, emb)
+            self._hooks = []
+            self._prefix_decoder = dec  # validate_training: gradient checkpointing drops the decoder's cache
+        self._hooks.append(dec.register_forward_pre_hook(self._decoder_before, with_kwargs=True))
+
+    def _encoder_before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return None
+        kw = _bind(module, args, kwargs)
+        ids, embeds, n = kw.get("input_ids"), kw.get("inputs_embeds"), self.n
+        batch, length = (ids if ids is not None else embeds).shape[:2]
+        if self._max_positions and n + length > self._max_positions:
+            raise UserError(f"{self.name}: {n} virtual tokens + {length} encoder tokens exceed the model's "
+                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(ids)
+        prompts = getattr(module, VIRTUAL)()[:n].to(embeds.dtype)  # HF PEFT: the encoder takes the first n rows
+        kw["inputs_embeds"] = torch.cat([prompts[None].expand(batch, -1, -1), embeds], dim=1)
+        kw["input_ids"] = None
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return (), kw
+
+    def _decoder_before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return None
+        kw = _bind(module, args, kwargs)
+        n = self.n
+        if self.kind == "input":  # the cross-attention mask: n visible virtual positions in front, once
+            states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
+            if states is None or mask is None or mask.dim() != 2 or mask.shape[-1] != states.shape[1] - n:
+                return None
+            kw["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+            return (), kw
+        if module.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
+            raise UserError(CHECKPOINTING)
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        batch, length = (ids if ids is not None else embeds).shape[:2]
+        key = "past_key_values" if "past_key_values" in kw and "cache" not in kw else "cache"
+        cache = kw.get(key)
+        if cache is None:
+            cache = kw[key] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if own.get_seq_length() == 0:  # the first call of this sequence: the prefix goes in first
+            dtype = module.get_input_embeddings().weight.dtype
+            for layer, (k, v) in enumerate(self.decoder_prefix(getattr(module, VIRTUAL)())):
+                own.update(k[None].expand(batch, -1, -1, -1).to(dtype), v[None].expand(batch, -1, -1, -1).to(dtype), layer)
+        past = own.get_seq_length() - n  # real tokens before this call
+        if self._max_positions and n + past + length > self._max_positions:
+            raise UserError(f"{self.name}: {n} virtual tokens + {past + length} decoder tokens exceed the model's "
+                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + length:
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return (), kw
+
+    def decoder_prefix(self, stored: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's (keys, values), (kv_heads, n, head_dim), from the stored (n, layers*2*kv_dim) tensor,
+        as HF PEFT builds them for seq2seq: it stacks the 2L per-layer slices twice (for self- and
+        cross-attention) and cuts the stack in groups of 4, so decoder layer i reads slices 4i and 4i+1 (mod 2L),
+        and then drops the cross-attention part. For L=2 both layers read layer 0's slices."""
+        g, n = self.dims, self.n
+        kv = stored.view(n, 2 * g["layers"], g["kv_heads"], g["head_dim"]).permute(1, 2, 0, 3)
+        total = 2 * g["layers"]
+        return [(kv[(4 * i) % total], kv[(4 * i + 1) % total]) for i in range(self._decoder_layers)]
+
+    def validate_training(self, total_steps: int) -> None:
+        decoder = self._prefix_decoder
+        if decoder is not None and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+            raise UserError(CHECKPOINTING)
 
     def source(self, model: nn.Module) -> nn.Module:
-        """The module that produces the virtual tensor (an attribute of the backbone)."""
-        return getattr(backbone(model), VIRTUAL)
+        """The module that produces the virtual tensor (an attribute of the backbone; of the encoder or decoder on seq2seq)."""
+        return getattr(self._holder(model), VIRTUAL)
 
     @contextlib.contextmanager
     def disabled(self):
@@ -350,12 +482,13 @@ class VirtualTokens(Method):
             missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
             detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
             raise UserError(f"adapter tensors do not fit this model ({detail}); is this adapter for this base model and method?")
-        shape = (self.n, self.width(model))
+        shape = (self.rows, self.width(model))
         if tuple(sd[KEY].shape) != shape:
+            rows = f"{self.n} virtual tokens" if self.rows == self.n else f"2 x {self.n} virtual tokens, HF PEFT's encoder-decoder layout"
             raise UserError(f"adapter tensor {KEY} has shape {tuple(sd[KEY].shape)}, the model expects {shape} "
-                            f"({self.n} virtual tokens x {shape[1]})")
+                            f"({rows} x {shape[1]})")
         ref = next(self.source(model).parameters())
-        setattr(backbone(model), VIRTUAL, Direct(sd[KEY].detach().to(ref.device, ref.dtype).clone()))
+        setattr(self._holder(model), VIRTUAL, Direct(sd[KEY].detach().to(ref.device, ref.dtype).clone()))
         with torch.no_grad():
             for key, p in heads.items():
                 if tuple(sd[key].shape) != tuple(p.shape):
@@ -371,7 +504,7 @@ class VirtualTokens(Method):
 
     def peft_fields(self, model: nn.Module) -> dict[str, Any]:
         g = dims(model)
-        return {"num_virtual_tokens": self.n, "token_dim": g["d"], "num_transformer_submodules": 1,
+        return {"num_virtual_tokens": self.n, "token_dim": g["d"], "num_transformer_submodules": 2 if self.seq2seq else 1,
                 "num_attention_heads": g["heads"], "num_layers": g["layers"]}
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
@@ -381,12 +514,16 @@ class VirtualTokens(Method):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         g = dims(model)
         n = self.n
-        extra = {"virtual_tokens": n, "stored_shape": [n, self.width(model)],
+        layers = g["layers"]
+        if self.seq2seq:  # encoder self-attention + decoder cross-attention (input), decoder self-attention (prefix)
+            layers = g["layers"] + self._decoder_layers if self.kind == "input" else self._decoder_layers
+        extra = {"virtual_tokens": n, "stored_shape": [self.rows, self.width(model)],
                  # each real token attends n more keys in every layer: q.k and a.v, 2 FLOPs per multiply-add
-                 "added_flops_per_token": 4 * n * g["heads"] * g["head_dim"] * g["layers"]}
+                 # (seq2seq: per encoder token plus per decoder token)
+                 "added_flops_per_token": 4 * n * g["heads"] * g["head_dim"] * layers}
         if self.kind == "input":
-            extra["added_sequence_length"] = n  # every layer processes n more positions (once per sequence)
-            bb = backbone(model)
+            extra["added_sequence_length"] = n  # every (encoder) layer processes n more positions (once per sequence)
+            bb = model.get_encoder() if self.seq2seq else backbone(model)
             skip = {id(p) for m in bb.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
             skip |= {id(p) for p in self.source(model).parameters()}
             body = sum(p.numel() for p in bb.parameters() if id(p) not in skip)
@@ -405,7 +542,7 @@ class PromptTuning(VirtualTokens):
     training_only = frozenset({"init", "tokenizer_name_or_path"})
 
     def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
-        o, n = self.opts, self.n
+        o, n = self.opts, self.rows
         emb = backbone(model).get_input_embeddings().weight
         if o.init == "random":  # scaled like the vocabulary (HF PEFT's N(0, 1) dwarfs real embeddings)
             gen = torch.Generator(device="cpu").manual_seed(0)
@@ -432,7 +569,7 @@ class PromptTuning(VirtualTokens):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise UserError(f"method.init.text: {text!r} gives no tokens")
-        return ids * math.ceil(self.n / len(ids))
+        return ids * math.ceil(self.rows / len(ids))
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
         init = self.opts.init
@@ -461,7 +598,7 @@ class PTuning(VirtualTokens):
         o, d = self.opts, dims(model)["d"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return PromptEncoder(self.n, d, o.encoder_hidden_size or d, o.encoder, o.encoder_num_layers, o.encoder_dropout, **factory)
+            return PromptEncoder(self.rows, d, o.encoder_hidden_size or d, o.encoder, o.encoder_num_layers, o.encoder_dropout, **factory)
 
     def adapter_config(self, model: nn.Module, base_name: str | None) -> dict[str, Any]:
         o = self.opts
