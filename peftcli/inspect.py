@@ -124,10 +124,26 @@ def _report(model, by: str, kind: str, source: str, method=None, size: int | Non
     return report
 
 
+def _on_skeleton(make, count) -> dict | None:
+    """`count(model)` on the base's skeleton (peftcli/skeleton.py: no transformers import), or None when
+    there is none for this base or anything fails on it: the caller then takes transformers' meta model,
+    which gives the method's own error, or loads the base for a method that needs real weights."""
+    try:
+        model = make()
+        return None if model is None else count(model)
+    except Exception:
+        return None
+
+
+def _recipe_report(model, method, task: str, by: str, source: str) -> dict:
+    method.apply(model, task)
+    return _report(model, by, "recipe", source, method, stored_bytes(method, model))
+
+
 def inspect_target(target: str, by: str = "type", overrides: list[str] | None = None, base: str | None = None) -> dict:
     from peftcli.models import load_model, load_tokenizer, quiet_transformers
+    from peftcli.skeleton import skeleton_model
 
-    quiet_transformers()
     path = Path(target)
     if path.suffix in (".yaml", ".yml") or (path.is_file() and not path.is_dir()):
         from peftcli.methods import build_method
@@ -139,20 +155,33 @@ def inspect_target(target: str, by: str = "type", overrides: list[str] | None = 
             from peftcli.data import training_labels
 
             label_names = training_labels(recipe.data)
+        task = recipe.model.task
+        report = _on_skeleton(lambda: skeleton_model(recipe.model, label_names),
+                              lambda model: _recipe_report(model, build_method(recipe.method_options), task, by, str(path)))
+        if report is not None:
+            return report
+        quiet_transformers()
         method = build_method(recipe.method_options)
         try:
             model = meta_model(recipe.model, label_names)
-            method.apply(model, recipe.model.task)
+            method.apply(model, task)
         except (NotImplementedError, RuntimeError):
             # a method whose init needs real weights (PiSSA's SVD, ...): count on the loaded model
             loaded = load_model(recipe.model, load_tokenizer(recipe.model), num_labels=recipe.model.num_labels,
                                 label_names=label_names, seed=recipe.train.seed)
             model, method = loaded.model, build_method(recipe.method_options)
-            method.apply(model, recipe.model.task, also_save=loaded.new_modules)
+            method.apply(model, task, also_save=loaded.new_modules)
         return _report(model, by, "recipe", str(path), method, stored_bytes(method, model))
     if (path / "adapter_config.json").is_file():
         return inspect_adapter(path, by, base)
     if (path / "config.json").is_file():
+        from peftcli.recipe import ModelCfg
+
+        report = _on_skeleton(lambda: skeleton_model(ModelCfg(name_or_path=str(path)), task="base"),
+                              lambda model: _report(model, by, "model", str(path)))
+        if report is not None:
+            return report
+        quiet_transformers()
         from transformers import AutoConfig, AutoModel
 
         from peftcli.models import _from_pretrained
@@ -165,11 +194,13 @@ def inspect_target(target: str, by: str = "type", overrides: list[str] | None = 
 
 
 def inspect_adapter(path: Path, by: str = "type", base: str | None = None, load_base: bool = False) -> dict:
-    """An adapter directory's report. The base is built on the meta device from its config and only the
+    """An adapter directory's report. The base is a skeleton (peftcli/skeleton.py) or, for a base it does
+    not describe, transformers' model on the meta device, both built from the base's config; only the
     adapter's own tensors are real (read from the adapter file), so nothing of the base is loaded or
     dequantised; `load_base` (or a method that needs real base weights) takes the loaded path instead."""
     from peftcli import adapter_io
     from peftcli.merge import base_model_cfg
+    from peftcli.skeleton import skeleton_model
 
     adapter = adapter_io.read_adapter(path)
     extra = {"metrics": (adapter.meta or {}).get("metrics")} if adapter.meta else {}
@@ -177,14 +208,25 @@ def inspect_adapter(path: Path, by: str = "type", base: str | None = None, load_
     meta_base = (adapter.meta or {}).get("base", {})
     new_modules = meta_base.get("new_modules")
     if not load_base and (new_modules is not None or cfg.task == "causal-lm"):
-        method = adapter_io.method_for(adapter)
-        try:
-            model = meta_model(cfg, meta_base.get("label_names"))
+        stored: dict = {}
+
+        def count(model) -> dict:
+            method = adapter_io.method_for(adapter)
             base_ids = {id(t) for t in (*model.parameters(), *model.buffers())}
             method.apply(model, cfg.task, also_save=new_modules or [])
             _materialise_new(model, base_ids)
-            method.load_state_dict(model, adapter_io.load_tensors(adapter))
+            stored.update(stored or adapter_io.load_tensors(adapter))
+            method.load_state_dict(model, stored)
             return _report(model, by, "adapter", str(path), method, adapter.size_bytes, extra)
+
+        report = _on_skeleton(lambda: skeleton_model(cfg, meta_base.get("label_names")), count)
+        if report is not None:
+            return report
+        from peftcli.models import quiet_transformers
+
+        quiet_transformers()
+        try:
+            return count(meta_model(cfg, meta_base.get("label_names")))
         except (NotImplementedError, RuntimeError):
             pass  # a method that needs the real base weights to take its tensors: load them
     from peftcli.merge import load_adapted
@@ -204,6 +246,8 @@ def _materialise_new(model: nn.Module, base_ids: set[int]) -> None:
                 if t is None or not t.is_meta or id(t) in base_ids:
                     continue
                 if id(t) not in made:
-                    real = torch.empty_like(t, device="cpu")
+                    # empty_strided: empty_like of a meta tensor goes through torch._refs, whose first
+                    # call imports sympy (0.5 s)
+                    real = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
                     made[id(t)] = nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
                 store[name] = made[id(t)]
