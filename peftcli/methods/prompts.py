@@ -19,9 +19,22 @@ One mechanism for every architecture (Llama, GPT-2, BERT, ...), in this file:
 - positions: the virtual tokens occupy positions 0..n-1 and the real tokens follow (n + their index
   among the real tokens, so left padding does not shift them), as in HF PEFT, whose logits we match.
 
-Stored in HF PEFT's layout: one tensor `prompt_embeddings` (prompt: (n, d); prefix: (n, layers*2*kv_dim),
-per token [k_0, v_0, k_1, v_1, ...] each (kv_heads, head_dim)); P-tuning's encoder and prefix tuning's
-MLP reparameterisation exist during training only, their output is what is stored.
+Encoder-decoders (T5, BART; `model.task: seq2seq`) follow HF PEFT's SEQ_2_SEQ_LM prompt learning, whose
+logits (and adapters, both ways) we match; the hooks sit on `model.get_encoder()` / `model.get_decoder()`:
+- prompt tuning / P-tuning: the stored tensor has 2n rows (PEFT's num_transformer_submodules = 2; P-tuning's
+  encoder runs over all 2n) and the encoder's pre-hook prepends the first n to its input embeddings and n
+  ones to its mask. The encoder outputs keep the n positions (the decoder cross-attends to them), and the
+  decoder's pre-hook extends the cross-attention mask while it has the real length: `generate` runs the
+  encoder once, then passes the original mask with every decoder step.
+- prefix tuning: the decoder's pre-hook puts the keys/values in its self-attention cache (a new cache, or
+  `generate`'s while still empty), so the model's own code positions them (T5's relative bias, BART's learned
+  positions shift by n, as in PEFT); the encoder and cross-attention get none, and decoder layer i reads
+  stored slices 4i and 4i+1 (mod 2L), PEFT's order (`decoder_prefix`). Gradient checkpointing drops caches:
+  refused (PEFT refuses too).
+
+Stored in HF PEFT's layout: one tensor `prompt_embeddings` (prompt: (n, d), (2n, d) on seq2seq; prefix:
+(n, layers*2*kv_dim), per token [k_0, v_0, k_1, v_1, ...] each (kv_heads, head_dim)); P-tuning's encoder and
+prefix tuning's MLP reparameterisation exist during training only, their output is what is stored.
 """
 
 from __future__ import annotations
