@@ -218,6 +218,25 @@ def machine_info() -> dict:
     return info
 
 
+def device_facts(choice: str) -> dict:
+    """The bench's one device, resolved in a child process (`python -m bench.peak --info`: the orchestrator
+    imports no torch, whose memory a forked child's peak RSS would inherit): {"type": "cpu"|"cuda", "name": ...,
+    "choice": choice}; auto = cuda when torch.cuda.is_available(). --device cuda without a GPU stops the bench."""
+    r = subprocess.run([sys.executable, "-m", "bench.peak", "--info", "--device", choice], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("DEVICE ")), None)
+    if r.returncode != 0 or line is None:
+        raise BenchError(f"--device {choice}: " + ((r.stderr or r.stdout).strip().splitlines() or ["no answer"])[-1])
+    return {**json.loads(line[len("DEVICE "):]), "choice": choice}
+
+
+def device_env(device: str) -> dict:
+    """Environment for every measured process so that peftcli trains on the bench's device: Accelerate's
+    ACCELERATE_USE_CPU (honoured by its AcceleratorState and by peftcli.distributed.has_gpu) keeps it on the CPU
+    of a GPU machine; the peer gets --device."""
+    return {"ACCELERATE_USE_CPU": "1" if device == "cpu" else "0"}
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -9,11 +9,17 @@ peftcli trains from, so both sides get identical settings.
 Subcommands (each run is its own process, so the parent measures its peak RSS):
   train    LoRA on SmolLM2-135M, alpaca (response-only labels) or plain text (every token labelled), per-step
            metrics.jsonl (same keys as peftcli's); train.mixed_precision: bf16 runs the forward under
-           torch.autocast (bf16), model.dtype: bfloat16 loads a bf16 base (PEFT keeps the adapters in fp32)
+           torch.autocast (bf16), model.dtype: bfloat16 loads a bf16 base (PEFT keeps the adapters in fp32),
+           train.tf32: true sets torch.set_float32_matmul_precision("high") (TF32 matmuls on a GPU)
   cls      SST-2 sequence classification with MiniLM: lora | ia3 | prompt | prefix | full
   merge    PeftModel.from_pretrained + merge_and_unload + save_pretrained
   latency  forward tokens/s of base vs merged vs unmerged adapter (interleaved rounds)
   versions print the versions in use
+
+Devices: train and cls take --device auto|cpu|cuda (auto: cuda when torch.cuda.is_available()); the model and
+every batch go there, autocast runs on that device type, on cuda the clock is read after torch.cuda.synchronize()
+and each metrics line carries torch.cuda.max_memory_allocated (`max_memory_allocated_mb`, as peftcli logs it).
+merge and latency run on the CPU.
 
 Token counting (the same on both sides): each step logs its non-pad tokens (`tokens`), token positions
 (batch x padded length, `positions`), positions that carry a next-token label (`label_tokens`) and the
@@ -55,6 +61,38 @@ def emit(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print("RESULT " + json.dumps(result))
+
+
+def pick_device(choice: str):
+    """torch.device for --device auto|cpu|cuda (auto: cuda when available); cuda without a GPU is an error."""
+    import torch
+
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    return torch.device(choice)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def synchronize(device) -> None:
+    """On a GPU, wait for the queued kernels before a clock is read (CUDA runs asynchronously)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_memory(device) -> dict:
+    """Peak GPU memory held by tensors in this process so far (MiB), the key peftcli logs; nothing on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def seed_all(seed: int) -> None:
@@ -225,18 +263,21 @@ def lora_config_from(method: dict, task_type: str):
     return LoraConfig(**kw)
 
 
-def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False) -> tuple[float, float]:
-    """The plain loop: forward (under torch.autocast bf16 with `autocast`, as PyTorch's AMP recipe has it:
-    backward outside), backward, clip, AdamW step, scheduler step; one metrics line per step (lr logged
-    after the scheduler step, like peftcli). Returns (train seconds, last loss)."""
+def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False, device=None) -> tuple[float, float]:
+    """The plain loop: each batch moved to `device` (default: the model's), forward (under torch.autocast bf16
+    on that device type with `autocast`, as PyTorch's AMP recipe has it: backward outside), backward, clip,
+    AdamW step, scheduler step; one metrics line per step (lr logged after the scheduler step, like peftcli),
+    its clock read after the device finished the step. Returns (train seconds, last loss)."""
     import contextlib
 
     import torch
 
+    device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, hp)
     accum = hp["grad_accum"]
     model.train()
+    synchronize(device)
     start = t_prev = time.perf_counter()
     cpu0 = time.process_time()
     loss_v = float("nan")
@@ -246,26 +287,30 @@ def train_loop(model, dl, hp: dict, metrics_path: Path, autocast: bool = False) 
             tokens = positions = label_tokens = pairs = 0
             for _ in range(accum):
                 batch = next(it)
-                with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-                    loss = model(**batch).loss
-                (loss / accum if accum > 1 else loss).backward()
-                loss_v = loss.item()
+                # the step's counts from the host copy: no device round trip for them
                 lengths = batch["attention_mask"].sum(-1)
                 tokens += int(lengths.sum())
                 positions += batch["input_ids"].numel()
                 if batch["labels"].dim() == 2:
                     label_tokens += int((batch["labels"][:, 1:] != -100).sum())
                 pairs += int((lengths * (lengths + 1) // 2).sum())
+                batch = to_device(batch, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                    loss = model(**batch).loss
+                (loss / accum if accum > 1 else loss).backward()
+                loss_v = loss.item()
             if hp["max_grad_norm"]:
                 torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            synchronize(device)  # the step's GPU work is inside its time
             now = time.perf_counter()
             mf.write(json.dumps({
                 "step": step, "loss": loss_v, "lr": sched.get_last_lr()[0],
                 "tokens_per_s": tokens / (now - t_prev), "elapsed_s": now - start, "cpu_s": time.process_time() - cpu0,
                 "tokens": tokens, "positions": positions, "label_tokens": label_tokens, "attn_pairs": pairs,
+                **device_memory(device),
             }) + "\n")
             mf.flush()
             t_prev = now
@@ -283,10 +328,14 @@ def cmd_train(a) -> None:
         raise SystemExit("peer train supports method.name=lora only")
     max_length = int(get(recipe, "data.max_length", 512))
     pad_to = max_length if get(recipe, "data.padding", "longest") == "max_length" else None
+    device = pick_device(a.device)
+    tf32 = bool(get(recipe, "train.tf32", False))
+    if tf32:
+        torch.set_float32_matmul_precision("high")
     seed_all(hp["seed"])
     t = time.perf_counter()
     tok, model = seeded_load(lambda: load_smollm2(get(recipe, "model.dtype", "float32")), hp["seed"])
-    model = get_peft_model(model, lora_config_from(method, "CAUSAL_LM"))
+    model = get_peft_model(model, lora_config_from(method, "CAUSAL_LM")).to(device)
     load_s = time.perf_counter() - t
     rss_after_load = peak_rss_mb_self()
     trainable, total = model.get_nb_trainable_parameters()
@@ -310,8 +359,8 @@ def cmd_train(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     mp = get(recipe, "train.mixed_precision", "no")
     if mp not in ("no", False, "bf16"):
-        raise SystemExit(f"peer train on CPU: train.mixed_precision {mp!r} (no or bf16)")
-    train_s, _ = train_loop(model, dl, hp, out / "metrics.jsonl", autocast=mp == "bf16")
+        raise SystemExit(f"peer train: train.mixed_precision {mp!r} (no or bf16)")
+    train_s, _ = train_loop(model, dl, hp, out / "metrics.jsonl", autocast=mp == "bf16", device=device)
     if a.save:
         model.save_pretrained(out / "adapter")
     emit(out, {
@@ -320,6 +369,7 @@ def cmd_train(a) -> None:
         "examples": len(data), "rss_after_load_mb": round(rss_after_load, 1),
         "dims": {**model_dims(model), "adapter_params": trainable}, "mixed_precision": mp,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "device": str(device), "tf32": tf32, **device_memory(device),
     })
 
 
@@ -369,6 +419,7 @@ def cmd_cls(a) -> None:
     method = recipe.get("method") or {}
     max_length = int(get(recipe, "data.max_length", 128))
     pad_to = max_length if get(recipe, "data.padding", "longest") == "max_length" else None
+    device = pick_device(a.device)
     seed_all(hp["seed"])
     t = time.perf_counter()
     folder = minilm_location()
@@ -382,6 +433,7 @@ def cmd_cls(a) -> None:
 
         model = get_peft_model(model, peft_cls_config(a.method, method))
         trainable, _ = model.get_nb_trainable_parameters()
+    model = model.to(device)
     load_s = time.perf_counter() - t
 
     def read(df: dict) -> list[dict]:
@@ -394,12 +446,14 @@ def cmd_cls(a) -> None:
     coll = collate(tok.pad_token_id, pad_to)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_s, last_loss = train_loop(model, loader(train_rows, hp["batch_size"], hp["seed"], coll), hp, out / "metrics.jsonl")
+    train_s, last_loss = train_loop(model, loader(train_rows, hp["batch_size"], hp["seed"], coll), hp, out / "metrics.jsonl",
+                                    device=device)
     model.eval()
     correct, ev_loss = 0, 0.0
     ebs = int(hp["eval_batch_size"] or hp["batch_size"])
     with torch.inference_mode():
         for b in torch.utils.data.DataLoader(eval_rows, batch_size=ebs, collate_fn=coll):
+            b = to_device(b, device)
             o = model(**b)
             ev_loss += o.loss.item() * len(b["labels"])
             correct += int((o.logits.argmax(-1) == b["labels"]).sum())
@@ -414,7 +468,7 @@ def cmd_cls(a) -> None:
         "eval_accuracy": acc, "trainable_params": trainable, "base_params": base_params,
         "trainable_pct": 100.0 * trainable / base_params, "stored_bytes": stored,
         "train_s": round(train_s, 2), "load_s": round(load_s, 2), "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows), "final_loss": last_loss, "versions": versions(),
+        "eval_rows": len(eval_rows), "final_loss": last_loss, "versions": versions(), "device": str(device),
     })
 
 
@@ -528,11 +582,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench.peer_hf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("train")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--recipe", required=True)
     s.add_argument("--set", action="append", default=[])
     s.add_argument("--out", required=True)
     s.add_argument("--save", action="store_true", help="save the adapter at the end")
     s = sub.add_parser("cls")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--recipe", required=True)
     s.add_argument("--method", required=True, choices=["lora", "ia3", "prompt", "prefix", "full"])
     s.add_argument("--set", action="append", default=[])

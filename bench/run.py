@@ -4,6 +4,7 @@
     python -m bench.run --quick               # smoke version of every section (a few minutes)
     python -m bench.run --only train --steps 30 --repeats 3
     python -m bench.run --only quality --seeds 42,43,44 --cls-steps 250
+    python -m bench.run --only train --device cuda      # a GPU machine (auto picks cuda when there is one)
 
 Every measured run is a fresh process (so its peak RSS, read with wait4, is its own), and the two
 sides alternate A B A B ... so that a noisy machine slows both alike. Results: <out>/<section>.json,
@@ -27,6 +28,8 @@ from bench.common import (
     ROOT,
     BenchError,
     data_file,
+    device_env,
+    device_facts,
     load_recipe,
     log_tail,
     machine_info,
@@ -66,8 +69,10 @@ def show_cmd(cmd: list[str]) -> str:
 
 
 class Ctx:
-    def __init__(self, args):
+    def __init__(self, args, device: dict):
         self.a = args
+        # one device for every measured run of both sides: peftcli through ACCELERATE_USE_CPU, the peer through --device
+        self.device_info, self.device = device, device["type"]
         self.out = Path(args.out).resolve()
         self.work = Path(args.work).resolve()
         self.raw = self.out / "raw"
@@ -75,6 +80,11 @@ class Ctx:
         # the same thread settings for both sides; by default torch's own choice (one per core)
         t = str(args.threads) if args.threads else None
         self.env = {k: t for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if t else {}
+        self.env.update(device_env(self.device))
+
+    def per_cpu_second(self) -> bool:
+        """Whether the targets read per-CPU-second figures: one thread on a CPU (on a GPU the CPU mostly waits)."""
+        return self.a.threads == 1 and self.device == "cpu"
 
     def run(self, section: str, name: str, cmd: list[str], timeout: float | None = None) -> dict:
         self.commands.setdefault(section, [])
@@ -141,7 +151,14 @@ FP32_SIDES = {"peftcli": ("peftcli", []), "peft": ("peft", [])}
 BF16_SIDES = {"peftcli-bf16": ("peftcli", ["train.mixed_precision=bf16"]),
               "peftcli-bf16base": ("peftcli", ["model.dtype=bfloat16"]),
               "peft-bf16": ("peft", ["train.mixed_precision=bf16"])}
+TF32_SIDES = {"peftcli-tf32": ("peftcli", ["train.tf32=true"]), "peft-tf32": ("peft", ["train.tf32=true"])}
 PAFI_SIDE = {"peftcli-pafi": ("peftcli", ["method={name: pafi, density: 0.005}"])}
+TF32_CPU_NOTE = "tf32 rows skipped: TF32 is an NVIDIA GPU matmul mode (the bench runs on the CPU)"
+
+
+def compute_precision(side: str) -> str:
+    """The matmul precision of a side's run: the peak its MFU divides by."""
+    return "bf16" if "bf16" in side else "tf32" if "tf32" in side else "fp32"
 
 
 def gsm8k_file(c: Ctx) -> Path:
@@ -185,6 +202,8 @@ def train_plan(c: Ctx) -> dict[str, dict[str, tuple[str, list[str]]]]:
         sides = dict(FP32_SIDES) if "fp32" in c.a.precisions else {}
         if "bf16" in c.a.precisions and w in c.a.bf16_workloads.split(","):
             sides.update(BF16_SIDES)
+        if "tf32" in c.a.precisions and c.device == "cuda" and w in c.a.bf16_workloads.split(","):
+            sides.update(TF32_SIDES)
         if w == "alpaca-pad256" and c.a.pafi:
             sides.update(PAFI_SIDE)
         plan[w] = sides
@@ -229,7 +248,7 @@ def step_flops(dims: dict, st: dict) -> float:
 
 
 def run_peak(c: Ctx, name: str) -> dict:
-    r = c.run("train", f"peak-{name}", [PY, "-m", "bench.peak"])
+    r = c.run("train", f"peak-{name}", [PY, "-m", "bench.peak", "--device", c.device])
     line = next((x for x in Path(ROOT / r["log"]).read_text().splitlines() if x.startswith("PEAK ")), None)
     return {**json.loads(line[5:]), "loadavg": loadavg()} if line else {"error": r["log"]}
 
@@ -241,6 +260,31 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def gpu_peak_mb(metrics: list[dict]) -> float | None:
+    """The run's peak GPU memory: the largest torch.cuda.max_memory_allocated its metrics lines logged (both
+    sides log `max_memory_allocated_mb` on cuda), None where none did."""
+    xs = [m["max_memory_allocated_mb"] for m in metrics if m.get("max_memory_allocated_mb") is not None]
+    return max(xs) if xs else None
+
+
+MEMORY_MEASURES = {"cuda": ("peak_gpu_mb", "peak GPU memory (torch.cuda.max_memory_allocated)"),
+                   "cpu": ("peak_rss_mb", "peak RSS (whole process, wait4)")}
+
+
+def peak_memory(run: dict, device: str) -> float | None:
+    """The memory figure the bench compares: GPU memory held by tensors on cuda (never RSS in its place), the
+    process's peak RSS on CPU."""
+    return run.get(MEMORY_MEASURES[device][0])
+
+
+def run_device(tool: str, info: dict) -> str | None:
+    """The device a run reports it trained on: peftcli.json's processes, the peer's result.json."""
+    if tool == "peftcli":
+        procs = (info.get("distributed") or {}).get("processes") or []
+        return procs[0].get("device") if procs else None
+    return info.get("device")
 
 
 def loss_compare(a: list[float], b: list[float]) -> dict:
@@ -256,6 +300,10 @@ def section_train(c: Ctx) -> dict:
     plan = train_plan(c)
     recipe = rel(TRAIN_RECIPE)
     runs = {w: {side: [] for side in sides} for w, sides in plan.items()}
+    notes = []
+    if "tf32" in c.a.precisions and c.device != "cuda":
+        notes.append(TF32_CPU_NOTE)
+        print(f"    note: {TF32_CPU_NOTE}", flush=True)
     peaks = []
     for i in range(c.a.repeats):
         peaks.append(run_peak(c, str(i)))
@@ -267,7 +315,7 @@ def section_train(c: Ctx) -> dict:
                 if tool == "peftcli":
                     cmd = peftcli_cmd() + ["train", recipe, *ss, "--output-dir", str(d), "--overwrite"]
                 else:
-                    cmd = peer_cmd("train", "--recipe", recipe, *ss, "--out", str(d))
+                    cmd = peer_cmd("train", "--device", c.device, "--recipe", recipe, *ss, "--out", str(d))
                 load = loadavg()
                 r = c.run("train", f"{w}-{side}-{i}", cmd)
                 m = read_jsonl(d / "metrics.jsonl")
@@ -276,10 +324,15 @@ def section_train(c: Ctx) -> dict:
                 r["losses"] = [x["loss"] for x in m if "loss" in x]
                 r["lrs"] = [x["lr"] for x in m if "lr" in x]
                 r["step_tokens"] = [x.get("tokens") for x in m if "loss" in x]
+                r["peak_gpu_mb"] = gpu_peak_mb(m)
                 r["dir"] = rel(d)
                 info = d / ("peftcli.json" if tool == "peftcli" else "result.json")
                 if info.is_file():
                     j = json.loads(info.read_text())
+                    r["device"] = run_device(tool, j)
+                    if r["device"] and r["device"].split(":")[0] != c.device:
+                        r["device_mismatch"] = f"ran on {r['device']}, the bench's device is {c.device}"
+                        print(f"    {w} {side}: {r['device_mismatch']}; left out", flush=True)
                     r["trainable_params"] = j.get("trainable_params")
                     if tool == "peft":
                         r["peer_versions"] = j.get("versions")
@@ -291,9 +344,11 @@ def section_train(c: Ctx) -> dict:
                     print(f"    {w} {side}: {r['nonpad_tokens_per_s']:.1f} non-pad tokens/s ({r['s_per_step']:.2f} s/step), "
                           f"final loss {r['losses'][-1]:.4f}, load {load}")
     peaks.append(run_peak(c, "end"))
-    peak = {k: median([p.get(k) for p in peaks]) for k in ("fp32_gflops", "bf16_gflops", "fp32_gflops_cpu", "bf16_gflops_cpu")}
+    peak = {k: median([p.get(k) for p in peaks])
+            for k in ("fp32_gflops", "tf32_gflops", "bf16_gflops", "fp32_gflops_cpu", "bf16_gflops_cpu")}
     res = {"sizes": {"steps": c.a.steps, "warmup_steps_skipped": c.a.warmup, "repeats": c.a.repeats,
                      "batch": c.a.batch, "seq": c.a.seq, "gsm8k_rows": c.a.gsm8k_rows, "threads": c.a.threads},
+           "device": c.device_info, "memory_measure": MEMORY_MEASURES[c.device][1], "notes": notes,
            "recipe": recipe, "peaks": peaks, "peak": peak, "workloads": {}, "targets": {}}
     for w, sides in runs.items():
         res["workloads"][w] = train_workload(c, w, sides, peak, res["targets"])
@@ -307,8 +362,9 @@ def train_workload(c: Ctx, w: str, runs: dict, peak: dict, targets: dict) -> dic
     peer = next((r for r in runs.get("peft", []) if r["rc"] == 0 and r.get("step_stats") and r.get("dims")), None)
     stats = {s["step"]: s for s in peer["step_stats"]} if peer else {}
     summary = {}
+    mem_key = MEMORY_MEASURES[c.device][0]
     for side, rs in runs.items():
-        ok = [r for r in rs if r["rc"] == 0 and r.get("s_per_step")]
+        ok = [r for r in rs if r["rc"] == 0 and r.get("s_per_step") and not r.get("device_mismatch")]
         for r in ok:
             if stats and all(s in stats for s in r["measured_steps"]):
                 # both sides see the same batches: the peer's per-step token statistics hold for every side
@@ -317,23 +373,25 @@ def train_workload(c: Ctx, w: str, runs: dict, peak: dict, targets: dict) -> dic
                 r["model_gflops_per_s"] = flops / r["measured_s"] / 1e9
                 if r.get("measured_cpu_s"):
                     r["model_gflops_per_cpu_s"] = flops / r["measured_cpu_s"] / 1e9
-        bf16 = "bf16" in side
+        prec = compute_precision(side)
         gf = median([r.get("model_gflops_per_s") for r in ok])
         gfc = median([r.get("model_gflops_per_cpu_s") for r in ok])
-        pk = peak.get("bf16_gflops" if bf16 else "fp32_gflops")
-        pkc = peak.get("bf16_gflops_cpu" if bf16 else "fp32_gflops_cpu")
+        pk = peak.get(f"{prec}_gflops")
+        pkc = peak.get(f"{prec}_gflops_cpu")
         summary[side] = {
             "ok_runs": len(ok), "runs": len(rs),
             "nonpad_tokens_per_s": median([r["nonpad_tokens_per_s"] for r in ok]),
             "tokens_per_s": median([r.get("tokens_per_s") for r in ok]),
             "s_per_step": median([r["s_per_step"] for r in ok]),
             "peak_rss_mb": median([r["peak_rss_mb"] for r in ok]),
+            "peak_gpu_mb": median([r.get("peak_gpu_mb") for r in ok]),
+            "peak_mem_mb": median([peak_memory(r, c.device) for r in ok]), "memory_measure": mem_key,
             "wall_s": median([r["wall_s"] for r in ok]),
             "model_gflops_per_s": gf,
             "nonpad_tokens_per_cpu_s": median([r.get("nonpad_tokens_per_cpu_s") for r in ok]),
             "cpu_s_per_step": median([r.get("cpu_s_per_step") for r in ok]),
             "model_gflops_per_cpu_s": gfc,
-            "mfu": gf / pk if gf and pk else None, "mfu_of": "bf16" if bf16 else "fp32",
+            "mfu": gf / pk if gf and pk else None, "mfu_of": prec,
             "mfu_cpu": gfc / pkc if gfc and pkc else None,
             "mfu_vs_fp32_peak": gf / peak["fp32_gflops"] if gf and peak.get("fp32_gflops") else None,
             "loadavg_before": [r.get("loadavg_before") for r in rs],
@@ -354,23 +412,29 @@ def train_workload(c: Ctx, w: str, runs: dict, peak: dict, targets: dict) -> dic
 
     for a, b in (("peftcli", "peft"), ("peftcli-bf16", "peftcli"), ("peftcli-bf16base", "peftcli"),
                  ("peftcli-bf16", "peft-bf16"), ("peftcli-bf16base", "peft-bf16"), ("peft-bf16", "peft"),
+                 ("peftcli-tf32", "peft-tf32"), ("peftcli-tf32", "peftcli"), ("peft-tf32", "peft"),
                  ("peftcli-pafi", "peftcli")):
         if a in summary and b in summary:
             out["ratios"][f"{a}/{b}"] = {"tokens_per_wall_s": ratio(a, b, "nonpad_tokens_per_s"),
                                          "tokens_per_cpu_s": ratio(a, b, "nonpad_tokens_per_cpu_s"),
-                                         "peak_rss": ratio(a, b, "peak_rss_mb")}
-            # the ratio the targets read: per CPU-second when every run had one thread (on a shared machine the
-            # wall clock also counts other processes' turns on the core), else per wall-clock second
+                                         "peak_rss": ratio(a, b, "peak_rss_mb"),
+                                         # the memory the targets read: GPU memory on cuda, RSS on CPU
+                                         "peak_mem": ratio(a, b, "peak_mem_mb"), "memory_measure": mem_key}
+            # the ratio the targets read: per CPU-second when every run had one thread on a CPU (on a shared machine
+            # the wall clock also counts other processes' turns on the core), else per wall-clock second
             q = out["ratios"][f"{a}/{b}"]
-            q["tokens_per_s"] = q["tokens_per_cpu_s"] if c.a.threads == 1 and q["tokens_per_cpu_s"] else q["tokens_per_wall_s"]
+            q["tokens_per_s"] = q["tokens_per_cpu_s"] if c.per_cpu_second() and q["tokens_per_cpu_s"] else q["tokens_per_wall_s"]
             la, lb = first_losses(a), first_losses(b)
             if la and lb:
                 out["loss"][f"{a}/{b}"] = loss_compare(la, lb)
     r = out["ratios"]
     if "peftcli/peft" in r and r["peftcli/peft"]["tokens_per_s"]:
         targets[f"{w}: tokens/s vs peft (fp32)"] = {"value": r["peftcli/peft"]["tokens_per_s"], "target": ">= 1.6", "met": r["peftcli/peft"]["tokens_per_s"] >= 1.6}
-        targets[f"{w}: peak RSS vs peft (fp32)"] = {"value": r["peftcli/peft"]["peak_rss"], "target": "<= 0.6", "met": r["peftcli/peft"]["peak_rss"] <= 0.6}
-    mfu_key = "mfu_cpu" if c.a.threads == 1 else "mfu"
+        mem = r["peftcli/peft"]["peak_mem"]
+        if mem is not None:
+            label = "peak GPU memory" if c.device == "cuda" else "peak RSS"
+            targets[f"{w}: {label} vs peft (fp32)"] = {"value": mem, "target": "<= 0.6", "met": mem <= 0.6}
+    mfu_key = "mfu_cpu" if c.per_cpu_second() else "mfu"
     if summary.get("peftcli", {}).get(mfu_key):
         v = summary["peftcli"][mfu_key]
         targets[f"{w}: fp32 MFU" + (" (per CPU-second)" if mfu_key == "mfu_cpu" else "")] = {"value": v, "target": ">= 0.60", "met": v >= 0.6}
@@ -610,7 +674,8 @@ def section_quality(c: Ctx) -> dict:
             if j["side"] == "peftcli":
                 cmd = peftcli_cmd() + ["train", rel(j["recipe"])] + flat + ["--output-dir", str(d), "--overwrite"]
             else:
-                cmd = peer_cmd("cls", "--recipe", rel(j["recipe"]), "--method", j["method"], *flat, "--out", str(d))
+                cmd = peer_cmd("cls", "--device", c.device, "--recipe", rel(j["recipe"]), "--method", j["method"], *flat,
+                               "--out", str(d))
             r = c.run("quality", name, cmd)
             r.update(side=j["side"], method=j["method"], seed=seed, recipe=rel(j["recipe"]), dir=rel(d))
             evals = [m for m in read_jsonl(d / "metrics.jsonl") if "eval_accuracy" in m]
@@ -678,6 +743,7 @@ SIDE_LABELS = {
     "peftcli": "peftcli fp32", "peft": "HF PEFT fp32", "peftcli-bf16": "peftcli, mixed_precision bf16 (autocast)",
     "peftcli-bf16base": "peftcli, bf16 base + fp32 adapter", "peft-bf16": "HF PEFT, torch.autocast bf16",
     "peftcli-pafi": "peftcli PaFi (0.5%) fp32",
+    "peftcli-tf32": "peftcli fp32, train.tf32", "peft-tf32": "HF PEFT fp32, TF32 matmuls",
 }
 
 
@@ -687,34 +753,45 @@ def train_report(r: dict) -> list[str]:
                 "rerun `python -m bench.run --only train`.", ""]
     z = r["sizes"]
     pk = r.get("peak") or {}
-    peaks = "; ".join(f"{fmt(x.get('fp32_gflops'), 0)} / {fmt(x.get('bf16_gflops'), 0)} at load {fmt((x.get('loadavg') or [None])[0], 1)}"
+    cuda = (r.get("device") or {}).get("type") == "cuda"
+    precs = ("fp32", "tf32", "bf16") if cuda else ("fp32", "bf16")
+    peaks = "; ".join(" / ".join(fmt(x.get(f"{p}_gflops"), 0) for p in precs) + f" at load {fmt((x.get('loadavg') or [None])[0], 1)}"
                       for x in r.get("peaks", []))
+    n = (r.get("peaks") or [{}])[0].get("n") or 3072
+    where = device_line(r.get("device"))
+    memory = ("Peak GPU memory: torch.cuda.max_memory_allocated of the process (both sides log it each step), model "
+              "loading included; the memory ratios and targets read it. Peak RSS (the whole process, wait4) is given beside it. "
+              if cuda else "Peak RSS: the whole process (wait4), model loading included. ")
+    per_cpu = ("" if cuda else "Per CPU-s columns divide by the process's CPU time over the same steps: on a loaded machine "
+               "the wall clock also counts other processes' turns on the cores; with one thread (--threads 1) the targets read these. ")
     L = ["## Training throughput, memory and utilisation", "",
-         f"LoRA r=16, alpha 32, all linear layers of SmolLM2-135M-Instruct (GGUF dequantised), CPU, batch {z['batch']}, "
+         f"LoRA r=16, alpha 32, all linear layers of SmolLM2-135M-Instruct (GGUF dequantised), {where}, batch {z['batch']}, "
          f"max length {z['seq']}, AdamW, cosine schedule; {z['steps']} steps per run, the first {z['warmup_steps_skipped']} "
          f"skipped as warm-up; median of {z['repeats']} runs per side, every workload's sides interleaved run by run "
          f"(threads: {z.get('threads') or 'torch default'}). Non-pad tokens/s counts attention-mask tokens (both sides see "
-         "the same batches, checked step by step). Peak RSS: the whole process (wait4), model loading included. "
-         f"Matmul peak (`python -m bench.peak`, a 3072^3 torch.mm, best of 5, measured before every round and at the end, "
-         f"median): fp32 {fmt(pk.get('fp32_gflops'), 1)} GFLOP/s, bf16 {fmt(pk.get('bf16_gflops'), 1)} GFLOP/s (each "
-         f"measurement fp32 / bf16: {peaks}); per CPU-second: fp32 {fmt(pk.get('fp32_gflops_cpu'), 1)}, bf16 "
-         f"{fmt(pk.get('bf16_gflops_cpu'), 1)}. Per CPU-s columns divide by the process's CPU time over the same steps: on a "
-         "loaded machine the wall clock also counts other processes' turns on the cores; with one thread (--threads 1) "
-         "the targets read these. "
+         "the same batches, checked step by step). " + memory +
+         f"Matmul peak on the {'GPU' if cuda else 'CPU'} (`python -m bench.peak`, a {n}^3 torch.mm, best of 5, measured before "
+         "every round and at the end, median): " + ", ".join(f"{p} {fmt(pk.get(f'{p}_gflops'), 1)}" for p in precs)
+         + f" GFLOP/s (each measurement {' / '.join(precs)}: {peaks})"
+         + ("" if cuda else f"; per CPU-second: fp32 {fmt(pk.get('fp32_gflops_cpu'), 1)}, bf16 {fmt(pk.get('bf16_gflops_cpu'), 1)}")
+         + ". " + per_cpu +
          "MFU = model FLOPs per second (bench/README.md: frozen linear 4P per token, adapter 6P_a, head 4Vd per labelled "
          "position, causal attention) / the peak of the run's compute precision. Load averages are recorded per run "
-         "in train.json.", ""]
+         "in train.json." + "".join(f" Note: {x}." for x in r.get("notes") or []), ""]
+    mem_head = "peak GPU MB | GPU mem vs HF PEFT | peak RSS (MB)" if cuda else "peak RSS (MB) | RSS vs HF PEFT"
     for w, x in r["workloads"].items():
         L += [f"### {w}" + (" (headline)" if w == "alpaca" else ""), "", x["description"] + ".", "",
-              "| side | non-pad tokens/s | vs HF PEFT | per CPU-s | vs HF PEFT | s/step (CPU s) | peak RSS (MB) | RSS vs HF PEFT | "
+              f"| side | non-pad tokens/s | vs HF PEFT | per CPU-s | vs HF PEFT | s/step (CPU s) | {mem_head} | "
               "model GFLOP/s (per CPU-s) | MFU (per CPU-s) | load (1 min) at start | runs ok |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        peer_of = {"peftcli": "peft", "peftcli-bf16": "peft-bf16", "peftcli-bf16base": "peft-bf16"}
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+        peer_of = {"peftcli": "peft", "peftcli-bf16": "peft-bf16", "peftcli-bf16base": "peft-bf16", "peftcli-tf32": "peft-tf32"}
         for side, s in x["summary"].items():
             q = x["ratios"].get(f"{side}/{peer_of.get(side, '')}", {})
+            mem = (f"{fmt(s.get('peak_gpu_mb'), 0)} | {fmt(q.get('peak_mem'), 2)} | {fmt(s['peak_rss_mb'], 0)}" if cuda
+                   else f"{fmt(s['peak_rss_mb'], 0)} | {fmt(q.get('peak_rss'), 2)}")
             L.append(f"| {SIDE_LABELS.get(side, side)} | {fmt(s['nonpad_tokens_per_s'], 1)} | {fmt(q.get('tokens_per_wall_s'), 2)} | "
                      f"{fmt(s.get('nonpad_tokens_per_cpu_s'), 1)} | {fmt(q.get('tokens_per_cpu_s'), 2)} | "
-                     f"{fmt(s['s_per_step'])} ({fmt(s.get('cpu_s_per_step'))}) | {fmt(s['peak_rss_mb'], 0)} | {fmt(q.get('peak_rss'), 2)} | "
+                     f"{fmt(s['s_per_step'])} ({fmt(s.get('cpu_s_per_step'))}) | {mem} | "
                      f"{fmt(s['model_gflops_per_s'], 1)} ({fmt(s.get('model_gflops_per_cpu_s'), 1)}) | "
                      f"{fmt(s['mfu'] and 100 * s['mfu'], 0)}% ({fmt(s.get('mfu_cpu') and 100 * s['mfu_cpu'], 0)}%) of {s['mfu_of']} | "
                      f"{', '.join(fmt(x[0], 1) for x in s.get('loadavg_before') or [] if x)} | {s['ok_runs']}/{s['runs']} |")
@@ -723,10 +800,12 @@ def train_report(r: dict) -> list[str]:
                 f"{k}: final (mean of last {v['final_window_steps']}) {v['final_a']:.4f} vs {v['final_b']:.4f} "
                 f"({v['final_diff']:+.4f}), largest per-step difference {v['max_abs_step_diff']:.2e}"
                 for k, v in x["loss"].items()) + "."]
-        other = {k: v for k, v in x["ratios"].items() if k not in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16")}
+        other = {k: v for k, v in x["ratios"].items()
+                 if k not in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16", "peftcli-tf32/peft-tf32")}
         if other:
-            L += ["", "Other ratios (non-pad tokens per wall second / per CPU-second, peak RSS): " + "; ".join(
-                f"{k} {fmt(v['tokens_per_wall_s'], 2)}x / {fmt(v['tokens_per_cpu_s'], 2)}x, {fmt(v['peak_rss'], 2)}x" for k, v in other.items()) + "."]
+            L += ["", f"Other ratios (non-pad tokens per wall second / per CPU-second, {'peak GPU memory' if cuda else 'peak RSS'}): "
+                  + "; ".join(f"{k} {fmt(v['tokens_per_wall_s'], 2)}x / {fmt(v['tokens_per_cpu_s'], 2)}x, "
+                              f"{fmt(v.get('peak_mem', v['peak_rss']) if cuda else v['peak_rss'], 2)}x" for k, v in other.items()) + "."]
         L.append("")
     return L
 
@@ -739,6 +818,7 @@ def write_report(out: Path, meta: dict) -> None:
     L += [f"- Date: {meta['date']}",
           f"- Machine: {m.get('cpu')}, {m.get('usable_cores', m.get('logical_cores'))} cores, {m.get('ram_gb')} GB RAM, "
           f"{m.get('os')}; load average at start {m.get('loadavg')} (a shared machine: the sides alternate run by run)",
+          f"- Training device (both sides, `--device {(meta.get('device') or {}).get('choice', 'cpu')}`): {device_line(meta.get('device'))}",
           f"- Versions: peftcli {v.get('peftcli')} ({v.get('peftcli_commit')}), peft {v.get('peft')}, transformers "
           f"{v.get('transformers')}, torch {v.get('torch')}, accelerate {v.get('accelerate')}, Python {m.get('python')}",
           f"- Invocation: `{meta['invocation']}` ({meta.get('duration_min', 0):.1f} min)"]
@@ -841,7 +921,7 @@ def plot(out: Path) -> None:
                 if k in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16", "peftcli-bf16/peftcli", "peftcli-bf16base/peftcli"):
                     names.append(f"{w}\n{k}")
                     speed.append(v["tokens_per_s"] or 0)
-                    rss.append(v["peak_rss"] or 0)
+                    rss.append(v.get("peak_mem", v["peak_rss"]) or 0)
         axes[0][0].barh(names, speed, color="#1f77b4")
         axes[0][0].axvline(1.0, color="k", lw=0.8)
         axes[0][0].tick_params(axis="y", labelsize=6)
@@ -851,7 +931,8 @@ def plot(out: Path) -> None:
         axes[0][1].axvline(1.0, color="k", lw=0.8)
         axes[0][1].tick_params(axis="y", labelsize=6)
         axes[0][1].invert_yaxis()
-        axes[0][1].set_title("training peak RSS ratio (lower is better)")
+        gpu = (tr.get("device") or {}).get("type") == "cuda"
+        axes[0][1].set_title(f"training peak {'GPU memory' if gpu else 'RSS'} ratio (lower is better)")
         ax3 = axes[0][2]
         for w, x in tr["workloads"].items():
             for side, ls in (("peftcli", "-"), ("peft", "--")):
@@ -929,6 +1010,9 @@ def parse_args(argv):
     p.add_argument("--work", default=str(BENCH / "work"), help="run directories (default bench/work)")
     p.add_argument("--threads", type=int, help="OMP/MKL threads for every measured process, both sides alike "
                    "(default: torch's choice, one per core; 1 helps on a crowded machine)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where both sides train (train and quality sections): auto = cuda when torch.cuda.is_available(); "
+                   "cpu keeps peftcli on the CPU of a GPU machine too (ACCELERATE_USE_CPU=1); merge and latency run on the CPU")
     g = p.add_argument_group("train")
     g.add_argument("--steps", type=int, help="optimizer steps per training run (default 12; quick 4)")
     g.add_argument("--warmup", type=int, default=2, help="steps skipped before measuring (default 2)")
@@ -936,9 +1020,10 @@ def parse_args(argv):
     g.add_argument("--batch", type=int, default=4)
     g.add_argument("--seq", type=int, default=256, help="max length (alpaca-pad256: padded length; default 256)")
     g.add_argument("--workloads", help=f"comma-separated, from {','.join(WORKLOADS)} (default all; quick alpaca,c4-text)")
-    g.add_argument("--precisions", default="fp32,bf16", help="fp32 (peftcli and peft on every workload), bf16 (peftcli "
-                   "autocast, peftcli bf16 base, peft autocast on --bf16-workloads); default both")
-    g.add_argument("--bf16-workloads", help="workloads with the bf16 rows (default alpaca,c4-text; quick alpaca)")
+    g.add_argument("--precisions", default="fp32,bf16,tf32", help="fp32 (peftcli and peft on every workload), bf16 (peftcli "
+                   "autocast, peftcli bf16 base, peft autocast on --bf16-workloads), tf32 (both sides with train.tf32 on "
+                   "--bf16-workloads; cuda only, skipped with a note on the CPU); default all three")
+    g.add_argument("--bf16-workloads", help="workloads with the bf16 and tf32 rows (default alpaca,c4-text; quick alpaca)")
     g.add_argument("--no-pafi", dest="pafi", action="store_false", help="skip the PaFi row beside LoRA on alpaca-pad256")
     g.add_argument("--gsm8k-rows", type=int, default=1000, help="GSM8K train rows for the gsm8k workload (default 1000)")
     g = p.add_argument_group("quality")
@@ -971,8 +1056,8 @@ def parse_args(argv):
     if bad:
         p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
     bad = [w for w in a.workloads.split(",") + a.bf16_workloads.split(",") if w not in WORKLOADS]
-    if bad or not set(a.precisions.split(",")) <= {"fp32", "bf16"}:
-        p.error(f"unknown workload(s) {bad} (choose from {list(WORKLOADS)}) or precision in {a.precisions!r} (fp32, bf16)")
+    if bad or not set(a.precisions.split(",")) <= {"fp32", "bf16", "tf32"}:
+        p.error(f"unknown workload(s) {bad} (choose from {list(WORKLOADS)}) or precision in {a.precisions!r} (fp32, bf16, tf32)")
     if a.steps <= a.warmup:
         p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
     return a
@@ -989,17 +1074,29 @@ SIZES_NOTE = (
 )
 
 
+def make_meta(c: Ctx, argv: list[str]) -> dict:
+    """The invocation's facts for meta.json and RESULTS.md: date, machine, the bench's device, versions."""
+    return {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(),
+            "device": c.device_info, "versions": versions(), "invocation": " ".join(["python -m bench.run", *argv])}
+
+
+def device_line(d: dict | None) -> str:
+    if not d or d.get("type") == "cpu":
+        return "CPU"
+    return f"{d.get('name')} (cuda {d.get('cuda')}, compute capability {d.get('capability')}; {d.get('count')} visible)"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv if argv is not None else sys.argv[1:])
-    c = Ctx(a)
+    c = Ctx(a, device_facts(a.device))
     c.out.mkdir(parents=True, exist_ok=True)
     c.work.mkdir(parents=True, exist_ok=True)
     data_file("alpaca/alpaca_en_demo.json")
     data_file("sst2/train.tsv")
     t0 = time.time()
-    meta = {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(),
-            "versions": versions(), "invocation": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])}
-    print(f"bench: {meta['machine']['cpu']}, {meta['machine'].get('usable_cores')} cores; versions {meta['versions']}", flush=True)
+    meta = make_meta(c, argv if argv is not None else sys.argv[1:])
+    print(f"bench: {meta['machine']['cpu']}, {meta['machine'].get('usable_cores')} cores; device {device_line(meta['device'])}; "
+          f"versions {meta['versions']}", flush=True)
     r = run_measured(peer_cmd("versions"), c.raw / "versions.log")
     print("bench: peer side versions: " + log_tail(r["log"], 1), flush=True)
     meta_path = c.out / "meta.json"

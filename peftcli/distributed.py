@@ -23,7 +23,12 @@ from peftcli.errors import UserError
 
 
 def has_gpu() -> bool:
-    return torch.cuda.is_available()
+    """A GPU to train on: CUDA is available and ACCELERATE_USE_CPU (Accelerate's own switch, which its
+    AcceleratorState honours too) does not ask for the CPU. `ACCELERATE_USE_CPU=1 peftcli train ...` keeps a
+    run on the CPU of a GPU machine."""
+    from accelerate.utils import parse_flag_from_env
+
+    return torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def make_accelerator(mixed_precision: str, distributed: str = "ddp", deepspeed_config: str | None = None):

@@ -129,6 +129,8 @@ class TrainCfg(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    tf32: bool = Field(False, description="TF32 matmuls for fp32 tensors (torch.set_float32_matmul_precision('high')): "
+                       "faster fp32 training on NVIDIA Ampere or newer; no effect where no TF32 kernel exists (CPUs)")
     mmap_large_tensors: bool = Field(False, description="Linux/glibc, CPU: give freed activation memory back to the OS; "
                                      "lower peak RSS for large models, slower steps for small ones (see README)")
     eval_every: int | None = Field(50, ge=1)

@@ -57,6 +57,21 @@ def mmap_large_tensors() -> None:
             pass  # not glibc (musl, ...): nothing to tune
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on a GPU, so that a clock read next counts them (CUDA runs asynchronously:
+    without this a step's time would end when its last kernel was queued, not when it ran)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_memory(device: torch.device) -> dict:
+    """The GPU's peak memory held by tensors so far in this process (torch.cuda.max_memory_allocated, MiB);
+    nothing on CPU, where the process's peak RSS is the measure."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+
+
 def _scheduler(optimizer, cfg, total_steps: int):
     from transformers import get_scheduler
 
@@ -98,7 +113,7 @@ class Trainer:
         from accelerate.utils import gather_object, set_seed
 
         from peftcli.data import Collator, prepare
-        from peftcli.distributed import make_accelerator, single_process_launch_warning
+        from peftcli.distributed import has_gpu, make_accelerator, single_process_launch_warning
         from peftcli.generation import check_generation_eval
         from peftcli.methods import build_method
         from peftcli.models import fingerprint, load_model, load_tokenizer, quiet_transformers
@@ -111,8 +126,10 @@ class Trainer:
             from peftcli.report import require_tensorboard
 
             require_tensorboard()
-        if tcfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        if tcfg.mixed_precision == "fp16" and not has_gpu():
             raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+        if tcfg.tf32:  # process-wide; run() puts back the previous setting when it returns
+            torch.set_float32_matmul_precision("high")
         self.accelerator = acc = make_accelerator(tcfg.mixed_precision, tcfg.distributed, tcfg.deepspeed_config)
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.say = self.console.print if self.main else (lambda *a, **k: None)
@@ -422,6 +439,13 @@ class Trainer:
 
     # ------------------------------------------------------------- the loop
     def run(self) -> dict:
+        precision = torch.get_float32_matmul_precision()  # train.tf32 changes it for this run only
+        try:
+            return self._run()
+        finally:
+            torch.set_float32_matmul_precision(precision)
+
+    def _run(self) -> dict:
         from peftcli.generation import generation_eval
         from peftcli.progress import TrainProgress
 
@@ -465,6 +489,7 @@ class Trainer:
                 step += 1
                 if delay:
                     time.sleep(delay)
+                synchronize(acc.device)  # the step's GPU work is inside its time
                 now = time.perf_counter()
                 tokens += result["tokens"]
                 tps = result["tokens"] / max(now - t_step, 1e-9)
@@ -478,7 +503,7 @@ class Trainer:
                 progress.update(step, loss=last_loss, lr=lr, tps=tps)
                 if not result["skipped"] and (step % tcfg.log_every == 0 or step == self.total_steps):
                     log({"step": step, "loss": last_loss, "lr": lr, "tokens": result["tokens"], "tokens_per_s": tps, "elapsed_s": now - t0,
-                         "cpu_s": time.process_time() - cpu0})
+                         "cpu_s": time.process_time() - cpu0, **device_memory(acc.device)})
                 if data.eval and tcfg.eval_every and step % tcfg.eval_every == 0 and step < self.total_steps:
                     ev = self.evaluate()
                     log({"step": step, **ev})
@@ -488,7 +513,7 @@ class Trainer:
         train_time = time.perf_counter() - t0
         summary.update(steps=step, train_loss=last_loss, train_time_s=round(train_time, 2),
                        tokens_per_s=round(tokens / max(train_time, 1e-9), 1), num_processes=self.world,
-                       effective_batch=self.batches.global_size)
+                       effective_batch=self.batches.global_size, **device_memory(acc.device))
         if skipped:
             summary["skipped_steps"] = skipped
         if data.eval:
