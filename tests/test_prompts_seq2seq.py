@@ -325,6 +325,10 @@ def test_cli_train_eval_generate_export(name, tmp_path, t5_dir):
     answer = json.loads(result.stdout)
     assert len(answer) == 1 and answer[0]["output"].strip()
 
+    result = invoke("inspect", run, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)  # the reloaded adapter: the stored tensor only, 2n x d or n x 2 L kv
+    assert info["virtual_tokens"] == N and info["trainable_params"] == (N * 2 * 2 * 32 if name == "prefix_tuning" else 2 * N * D)
     result = invoke("export", run, "--output", tmp_path / "peft", "--format", "peft")
     assert result.exit_code == 0, result.output
     ours = load_adapted(str(run)).loaded.model.eval()
