@@ -74,9 +74,9 @@ def logits(model, ids=IDS, mask=MASK, dec=DEC):
 
 
 @torch.no_grad()
-def generated(model, steps: int = 6) -> list[list[int]]:
+def generated(model, steps: int = 6, **kw) -> list[list[int]]:
     out = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                         eos_token_id=EOS)
+                         eos_token_id=EOS, **kw)
     return [_until_eos(row[1:].tolist()) for row in out]
 
 
@@ -146,6 +146,7 @@ def test_at_init_logits_and_generation_equal_peft(variant, layers):
         assert torch.equal(logits(model), logits(base))
     ours_gen = generated(model)
     assert ours_gen == greedy_from_scratch(model)  # cached, batched, right-padded = recomputed row by row
+    assert generated(model, use_cache=False) == ours_gen  # (a cache the prefix hook made is not handed back)
     if VARIANTS[variant]["name"] != "prefix_tuning":
         assert ours_gen == generated(theirs)
     else:

@@ -236,6 +236,7 @@ class VirtualTokens(Method):
         self.rows = self.n  # rows of the stored tensor: HF PEFT keeps 2n for prompt / P-tuning on seq2seq
         self._decoder_layers = 0
         self._prefix_decoder: nn.Module | None = None
+        self._drop_cache = False  # the decoder's pre-hook made a cache the call did not ask for
 
     # ------------------------------------------------------------- injection
     def make_source(self, model: nn.Module, factory: dict) -> nn.Module:
@@ -324,6 +325,7 @@ class VirtualTokens(Method):
             self._max_positions = _learned_positions(model, dec, emb)
             self._hooks = []
             self._prefix_decoder = dec  # validate_training: gradient checkpointing drops the decoder's cache
+            self._hooks.append(dec.register_forward_hook(self._decoder_after))
         self._hooks.append(dec.register_forward_pre_hook(self._decoder_before, with_kwargs=True))
 
     def _encoder_before(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -368,6 +370,8 @@ class VirtualTokens(Method):
         cache = kw.get(key)
         if cache is None:
             cache = kw[key] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            use = kw.get("use_cache")
+            self._drop_cache = not (getattr(module.config, "use_cache", True) if use is None else use)
         own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if own.get_seq_length() == 0:  # the first call of this sequence: the prefix goes in first
             dtype = module.get_input_embeddings().weight.dtype
@@ -381,6 +385,14 @@ class VirtualTokens(Method):
         if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + length:
             kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         return (), kw
+
+    def _decoder_after(self, module: nn.Module, args: tuple, output):
+        """A cache the pre-hook made for a call without use_cache is not returned (generate would carry it on)."""
+        if self._drop_cache:
+            self._drop_cache = False
+            for name in [k for k in output.keys() if k in ("cache", "past_key_values")] if isinstance(output, dict) else []:
+                output[name] = None
+        return None
 
     def decoder_prefix(self, stored: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's (keys, values), (kv_heads, n, head_dim), from the stored (n, layers*2*kv_dim) tensor,
