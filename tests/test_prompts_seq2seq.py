@@ -235,6 +235,18 @@ def test_peft_written_adapters_load_in_peftcli(variant, tmp_path):
     assert generated(model) == greedy_from_scratch(theirs)
 
 
+def test_learned_positions_budget_is_a_user_error():
+    from peftcli.errors import UserError
+
+    for variant, where in [("prompt", "encoder"), ("prefix", "decoder")]:  # BART: 64 learned positions, 4 taken
+        model, _ = applied(variant, bart())
+        ok, over = torch.ones(1, 60, dtype=torch.long), torch.ones(1, 61, dtype=torch.long)
+        with torch.no_grad():
+            model(input_ids=ok, decoder_input_ids=ok)
+            with pytest.raises(UserError, match=f"4 virtual tokens \\+ 61 {where} tokens exceed the model's 64 positions"):
+                model(input_ids=over if where == "encoder" else ok, decoder_input_ids=over if where == "decoder" else ok)
+
+
 def test_wrong_rows_are_a_user_error():
     from peftcli.errors import UserError
 

@@ -367,7 +367,7 @@ class VirtualTokens(Method):
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         batch, length = (ids if ids is not None else embeds).shape[:2]
         key = "past_key_values" if "past_key_values" in kw and "cache" not in kw else "cache"
-        cache = kw.get(key)
+        cache, self._drop_cache = kw.get(key), False
         if cache is None:
             cache = kw[key] = EncoderDecoderCache(DynamicCache(), DynamicCache())
             use = kw.get("use_cache")
