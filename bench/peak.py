@@ -31,7 +31,9 @@ def device_info(choice: str) -> dict:
             raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                 "cuda": torch.version.cuda, "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
-    return {"type": "cpu", "name": platform.processor() or platform.machine()}
+    from bench.common import machine_info
+
+    return {"type": "cpu", "name": machine_info().get("cpu") or platform.machine()}
 
 
 def _best_time(mm, sync, reps: int) -> tuple[float, float]:

@@ -341,8 +341,9 @@ def section_train(c: Ctx) -> dict:
                         r["step_stats"] = [{k: x[k] for k in ("step", "tokens", "label_tokens", "attn_pairs")} for x in m if "loss" in x]
                 runs[w][side].append(r)
                 if r.get("s_per_step"):
+                    gpu = f", peak GPU memory {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") else ""
                     print(f"    {w} {side}: {r['nonpad_tokens_per_s']:.1f} non-pad tokens/s ({r['s_per_step']:.2f} s/step), "
-                          f"final loss {r['losses'][-1]:.4f}, load {load}")
+                          f"final loss {r['losses'][-1]:.4f}{gpu}, load {load}")
     peaks.append(run_peak(c, "end"))
     peak = {k: median([p.get(k) for p in peaks])
             for k in ("fp32_gflops", "tf32_gflops", "bf16_gflops", "fp32_gflops_cpu", "bf16_gflops_cpu")}
