@@ -166,7 +166,7 @@ def gguf_config(file: str | Path) -> dict[str, Any] | None:
     with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         meta, shapes, _ = read_gguf_header(buf)
     arch = meta.get("general.architecture")
-    if arch != "llama" or meta.get("general.name") == "mistral":  # transformers reads those as Mistral
+    if arch != "llama" or meta.get("general.name") == "mistral":  # transformers special-cases those (AutoConfig)
         return None
     config: dict[str, Any] = {"model_type": "llama", "tie_word_embeddings": "output.weight" not in shapes}
     for rest, new in _GGUF_LLAMA.items():
