@@ -29,7 +29,7 @@ import yaml
 
 from peftcli import adapter_io, checkpoint
 from peftcli.errors import UserError
-from peftcli.recipe import Recipe
+from peftcli.recipe import Recipe, recipe_from_dict
 
 
 class TrainingStopped(Exception):
@@ -271,6 +271,10 @@ class Trainer:
             saved = None
         if not isinstance(saved, dict):
             raise UserError(f"--resume: {ckpt} has no readable {adapter_io.RECIPE}; pass --overwrite to start over")
+        try:  # today's defaults for keys a newer peftcli added since the checkpoint was written (train.tf32)
+            saved = recipe_from_dict(saved, str(ckpt / adapter_io.RECIPE)).resolved()
+        except UserError:
+            pass  # a key since removed or renamed: compared as written, so the diff names it
         mine = dict(self.recipe_resolved)
         mine["train"] = {**mine["train"], "resume": saved.get("train", {}).get("resume")}
         diff = _recipe_diff(saved, mine)

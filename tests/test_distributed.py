@@ -266,6 +266,32 @@ def test_resume_refuses_a_changed_recipe_and_a_finished_run(lm_recipe, tmp_path)
     assert fresh.exit_code == 0 and "starting from step 0" in " ".join(fresh.stdout.split())
 
 
+def test_resume_of_a_checkpoint_from_an_older_peftcli(lm_recipe, tmp_path):
+    """A checkpoint written before a recipe key existed (its stored recipe lacks train.tf32 and a method
+    default) resumes: the stored recipe takes today's defaults. A key that is gone today is still named."""
+    import yaml
+
+    recipe = lm_recipe(max_steps=4, save_every=2, eval_every=None)
+    assert invoke("train", recipe).exit_code == 0
+    part = tmp_path / "part" / "checkpoints" / "step-2"
+    shutil.copytree(tmp_path / "out" / "checkpoints" / "step-2", part)
+    stored = part / "recipe.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["train"]["tf32"], old["method"]["dropout"]
+    stored.write_text(yaml.safe_dump(old))
+    res = invoke("train", recipe, "-o", tmp_path / "part", "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in " ".join(res.stdout.split())
+    got, want = adapter(tmp_path / "part"), adapter(tmp_path / "out")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    shutil.copytree(tmp_path / "out" / "checkpoints" / "step-2", tmp_path / "gone" / "checkpoints" / "step-2")
+    old["train"]["warmup_epochs"] = 1  # a key this peftcli does not know
+    (tmp_path / "gone" / "checkpoints" / "step-2" / "recipe.yaml").write_text(yaml.safe_dump(old))
+    res = invoke("train", recipe, "-o", tmp_path / "gone", "--resume")
+    assert res.exit_code == 2 and "train.warmup_epochs" in res.stderr
+
+
 # ----------------------------------------------------------------- faults
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lm_recipe, tmp_path):
     recipe = lm_recipe(max_steps=6, save_every=2, eval_every=None)
