@@ -81,10 +81,13 @@ def make_config(raw: dict[str, Any]) -> SkeletonConfig | None:
             values[key] = default
     if isinstance(raw.get("id2label"), dict) and raw["id2label"]:
         values["num_labels"] = len(raw["id2label"])
+    config = SkeletonConfig(values, _ALIASES.get(model_type))
+    if model_type in ("gpt2", "bert") and config.hidden_size % config.num_attention_heads:
+        return None  # transformers refuses to build it: let it say so
     if model_type == "llama":
-        values["num_key_value_heads"] = values["num_key_value_heads"] or values["num_attention_heads"]
-        values["head_dim"] = values["head_dim"] or values["hidden_size"] // values["num_attention_heads"]
-    return SkeletonConfig(values, _ALIASES.get(model_type))
+        config.num_key_value_heads = values["num_key_value_heads"] or values["num_attention_heads"]
+        config.head_dim = values["head_dim"] or values["hidden_size"] // values["num_attention_heads"]
+    return config
 
 
 # ----------------------------------------------------------------------------- GGUF metadata

@@ -124,10 +124,13 @@ def test_unsupported_bases_have_no_skeleton(tmp_path, config_dirs):
 
     for name, config in {"mistral": MistralConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1),
                          "gpt2-cross": GPT2Config(n_embd=32, n_head=4, n_layer=1, add_cross_attention=True),
-                         "bert-decoder": BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, is_decoder=True)
+                         "bert-decoder": BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, is_decoder=True),
+                         "gpt2-heads": GPT2Config(n_embd=30, n_head=4, n_layer=1),  # transformers refuses it
                          }.items():
         config.save_pretrained(tmp_path / name)
         assert skeleton_model(ModelCfg(name_or_path=str(tmp_path / name))) is None
+    with pytest.raises(ValueError, match="divisible"):  # the meta model's own error is what inspect shows
+        pi.meta_model(ModelCfg(name_or_path=str(tmp_path / "gpt2-heads")))
     assert skeleton_model(ModelCfg(name_or_path=str(config_dirs["bert"]), task="causal-lm")) is None  # BertLMHeadModel
     assert skeleton_model(ModelCfg(name_or_path=str(config_dirs["bert"]), task="seq2seq")) is None
     assert skeleton_model(ModelCfg(name_or_path="someone/hub-id")) is None  # not local: transformers resolves it
