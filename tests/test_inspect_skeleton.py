@@ -5,7 +5,7 @@ same parameters (names, order, shapes, dtypes, ties), module paths and kinds, co
 registered method's contract rows (tests/test_contract.py) must give the same whole report (every
 grouping) on it as on transformers' meta model, or fail on it (the caller then falls back to the meta
 model) only where declared. The fast path is audited in a subprocess: no transformers module imported,
-the base's weight file never opened."""
+and it works with the base's weight file deleted."""
 
 from __future__ import annotations
 
@@ -169,6 +169,9 @@ def _refuse_transformers_models(monkeypatch):
     monkeypatch.setattr(pi, "meta_model", refuse)
     monkeypatch.setattr(peftcli.models, "load_model", refuse)
     monkeypatch.setattr(peftcli.merge, "load_adapted", refuse)
+    from transformers import AutoModel
+
+    monkeypatch.setattr(AutoModel, "from_config", refuse)
 
 
 def test_recipe_adapter_and_model_dir_take_the_skeleton(tmp_path, tiny_llama_dir, tiny_bert_dir, alpaca_files, monkeypatch):
@@ -176,12 +179,14 @@ def test_recipe_adapter_and_model_dir_take_the_skeleton(tmp_path, tiny_llama_dir
 
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama_dir, *alpaca_files, tmp_path / "out"))
     adapter = _adapter_dir(tmp_path, tiny_llama_dir, {"name": "lora", "r": 4, "target_modules": "all-linear"})
-    slow = {"recipe": pi.inspect_target(str(recipe)), "adapter": pi.inspect_adapter(adapter, load_base=True)}
+    from transformers import AutoConfig, AutoModel
+
+    slow = {"recipe": pi.inspect_target(str(recipe)), "adapter": pi.inspect_adapter(adapter, load_base=True),
+            "model": pi._report(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)), "type", "model", str(tiny_bert_dir))}
     _refuse_transformers_models(monkeypatch)
     assert pi.inspect_target(str(recipe)) == slow["recipe"]
     assert pi.inspect_target(str(adapter)) == slow["adapter"]
-    model_dir = pi.inspect_target(str(tiny_bert_dir))
-    assert model_dir["kind"] == "model" and model_dir["trainable_params"] == model_dir["total_params"] > 0
+    assert pi.inspect_target(str(tiny_bert_dir)) == slow["model"]
 
 
 AUDIT = textwrap.dedent("""
