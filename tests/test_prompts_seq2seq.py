@@ -20,17 +20,15 @@ from peftcli.cli import app
 from peftcli.methods import build_method
 from peftcli.methods.prompts import KEY, VIRTUAL
 from peftcli.train import Trainer
+from tests.test_prompts import (  # the same five method variants as on decoder-only models
+    MAIN,
+    VARIANTS,
+    D,
+    H,
+    N,
+)
 
-N, H, D = 4, 8, 32  # virtual tokens, encoder width, d_model
 EOS = 102  # [SEP] of the WordPiece tokenizer
-VARIANTS = {
-    "prompt": {"name": "prompt_tuning", "num_virtual_tokens": N},
-    "ptuning": {"name": "p_tuning", "num_virtual_tokens": N, "encoder_hidden_size": H},
-    "ptuning-lstm": {"name": "p_tuning", "num_virtual_tokens": N, "encoder_hidden_size": H, "encoder": "lstm"},
-    "prefix": {"name": "prefix_tuning", "num_virtual_tokens": N, "encoder_hidden_size": H},
-    "prefix-direct": {"name": "prefix_tuning", "num_virtual_tokens": N, "projection": False},
-}
-MAIN = ["prompt", "ptuning", "prefix"]
 IDS = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(1))
 MASK = torch.ones_like(IDS)
 MASK[1, 6:] = 0  # right padding, as peftcli pads encoder inputs
