@@ -319,3 +319,29 @@ def test_minilm_real_config_reports_the_same(opts):
     for by in ("type", "layer"):
         slow = pi._recipe_report(pi.meta_model(cfg), build_method(dict(opts)), "seq-cls", by, "x")
         assert pi._recipe_report(skeleton_model(cfg), build_method(dict(opts)), "seq-cls", by, "x") == slow
+
+
+@pytest.mark.parametrize("opts", [{"name": "adalora", "init_r": 4, "target_r": 2}, {"name": "said", "d": 200},
+                                  {"name": "did", "d": 200}], ids=["adalora", "said", "did"])
+def test_recipes_whose_report_reads_method_tensors_take_the_skeleton(tmp_path, tiny_llama_dir, alpaca_files, monkeypatch, opts):
+    """AdaLoRA's ranks (its rank mask) and SAID's lambda range are values, so these recipes used to load the
+    base; the method's own small tensors are now real on a meta base and the report equals the loaded one."""
+    recipe = write_recipe(tmp_path / "r.yaml", {**recipe_dict(tiny_llama_dir, *alpaca_files, tmp_path / "out"), "method": opts})
+    with monkeypatch.context() as m:  # today's fallback: the base loaded
+        m.setattr(pi, "_on_skeleton", lambda *_a: None)
+        m.setattr(pi, "meta_model", lambda *_a, **_k: (_ for _ in ()).throw(NotImplementedError("needs weights")))
+        loaded = pi.inspect_target(str(recipe))
+    _refuse_transformers_models(monkeypatch)
+    fast = pi.inspect_target(str(recipe))
+    assert fast == loaded and fast["trainable_params"] > 0
+    assert ("ranks" in fast) if opts["name"] == "adalora" else (("lambda_range" in fast) == (opts["name"] == "said"))
+
+
+def test_meta_init_skips_normal_and_its_dynamo_import(tmp_path, tiny_llama_dir, alpaca_files):
+    """nn.init.normal_ on a meta tensor imports torch._dynamo (1.3 s); AdaLoRA's normal init skips it on the
+    skeleton (methods.base.init_normal_), so its recipe's inspect imports neither dynamo nor transformers."""
+    d = {**recipe_dict(tiny_llama_dir, *alpaca_files, tmp_path / "out"), "method": {"name": "adalora", "init_r": 4, "target_r": 2}}
+    report, audit = _audited(tmp_path, write_recipe(tmp_path / "r.yaml", d))
+    assert report["method"] == "adalora" and report["total_rank"] > 0
+    assert "torch._dynamo" not in audit["modules"]
+    assert not [m for m in audit["modules"] if m.split(".")[0] == "transformers"]

@@ -36,7 +36,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, replace_module
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, init_normal_, replace_module
 from peftcli.methods.targets import linear_shape, transformer_blocks
 
 
@@ -102,7 +102,7 @@ class AdapterSite(AdapterModule):
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.adapter_down.weight, std=init_std)
+            init_normal_(self.adapter_down.weight, init_std)
         nn.init.zeros_(self.adapter_down.bias)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)

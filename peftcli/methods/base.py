@@ -42,6 +42,12 @@ class MethodOptions(BaseModel):
     )
 
 
+def init_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
+    """nn.init.normal_, skipped on a meta tensor (inspect's skeleton of the base): there it has no values to
+    fill and would import torch._dynamo, 1.3 s of an inspect that otherwise takes 2."""
+    return t if t.is_meta else nn.init.normal_(t, std=std)
+
+
 class AdapterModule(nn.Module):
     """A wrapper around one base module; `base_layer` keeps the original (frozen) module.
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec
+from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec, init_normal_
 
 _FFN = ["gate_proj", "up_proj", "down_proj"]
 # The feed-forward projections per model_type. BERT's FFN output is `output.dense`, which a suffix
@@ -76,7 +76,7 @@ class HiwiLinear(AdapterModule):
         if init == "kaiming":
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
         else:
-            nn.init.normal_(down, std=init_std)
+            init_normal_(down, init_std)
         self.hiwi_down = nn.Parameter(down.T.contiguous())
         self.hiwi_up = nn.Parameter(torch.zeros(r, n, **kw))
         # After loading a stored bias-form adapter: b' replaces b as the adapter's input (fixed)

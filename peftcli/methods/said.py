@@ -106,7 +106,9 @@ class _Projector(nn.Module):
         super().__init__()
         self.theta_d = nn.Parameter(torch.zeros(d_theta, device=device))
         if learn_lambda:
-            self.register_parameter("lambda", nn.Parameter(torch.ones(len(shapes), device=device)))
+            # one scalar per tensor, real even on a meta-device base (inspect reports its range)
+            real = "cpu" if torch.device(device).type == "meta" else device
+            self.register_parameter("lambda", nn.Parameter(torch.ones(len(shapes), device=real)))
         self.shapes = shapes
         self.numels = [math.prod(s) for s in shapes]
         self.lengths = [1 << max(0, math.ceil(math.log2(max(n, d_theta)))) for n in self.numels]
