@@ -337,11 +337,20 @@ def test_recipes_whose_report_reads_method_tensors_take_the_skeleton(tmp_path, t
     assert ("ranks" in fast) if opts["name"] == "adalora" else (("lambda_range" in fast) == (opts["name"] == "said"))
 
 
-def test_meta_init_skips_normal_and_its_dynamo_import(tmp_path, tiny_llama_dir, alpaca_files):
-    """nn.init.normal_ on a meta tensor imports torch._dynamo (1.3 s); AdaLoRA's normal init skips it on the
-    skeleton (methods.base.init_normal_), so its recipe's inspect imports neither dynamo nor transformers."""
-    d = {**recipe_dict(tiny_llama_dir, *alpaca_files, tmp_path / "out"), "method": {"name": "adalora", "init_r": 4, "target_r": 2}}
+@pytest.mark.parametrize("opts", [{"name": "adalora", "init_r": 4, "target_r": 2}, {"name": "dora", "r": 2},
+                                  {"name": "hiwi", "r": 2, "form": "bias"}], ids=["adalora", "dora", "hiwi-bias"])
+def test_no_values_computed_on_the_skeleton(tmp_path, tiny_llama_dir, alpaca_files, opts):
+    """Values computed from meta tensors cost imports, not time: nn.init.normal_ imports torch._dynamo (1.3 s,
+    AdaLoRA's init; methods.base.init_normal_ skips it), a meta norm or matmul torch's symbolic shapes and sympy
+    (~1 s, DoRA's magnitude, HiWi's stored bias). On the skeleton these methods compute none: the recipe's inspect
+    imports neither, nor transformers."""
+    import shutil
+
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")  # inspect reads the config only
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))  # biases for HiWi's bias form
+    d = {**recipe_dict(base, *alpaca_files, tmp_path / "out"), "method": opts}
     report, audit = _audited(tmp_path, write_recipe(tmp_path / "r.yaml", d))
-    assert report["method"] == "adalora" and report["total_rank"] > 0
-    assert "torch._dynamo" not in audit["modules"]
+    assert report["method"] == opts["name"] and report["trainable_params"] > 0
+    assert not {"torch._dynamo", "sympy"} & set(audit["modules"])
     assert not [m for m in audit["modules"] if m.split(".")[0] == "transformers"]

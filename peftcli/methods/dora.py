@@ -49,8 +49,12 @@ def dora_merge(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: tor
 class DoraLinear(LoraLinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base, r, alpha, dropout, use_rslora)
-        with torch.no_grad():
-            norm = torch.linalg.norm(self._base_weight(), dim=1)  # B = 0 at init: ||W||_row, as PEFT
+        w = self._base_weight()
+        if w.is_meta:  # inspect's skeleton: shapes only (a meta norm would import torch's symbolic shapes, 1 s)
+            norm = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        else:
+            with torch.no_grad():
+                norm = torch.linalg.norm(w, dim=1)  # B = 0 at init: ||W||_row, as PEFT
         self.lora_magnitude_vector = nn.Parameter(norm)
         self._w_sq: tuple[tuple, torch.Tensor] | None = None  # (W's identity and version, ||W||^2_row)
 

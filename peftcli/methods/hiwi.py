@@ -88,6 +88,8 @@ class HiwiLinear(AdapterModule):
 
     def new_bias(self) -> torch.Tensor:
         b = self.hiwi_b0 if self.hiwi_b0 is not None else self.base_layer.bias
+        if b.is_meta:  # inspect's skeleton: shapes only (a meta matmul would import torch's symbolic shapes, 1 s)
+            return torch.empty(b.shape, dtype=b.dtype, device=b.device)
         b32 = b.to(self.hiwi_up.dtype)
         return (b32 + self.act(b32 @ self.hiwi_down) @ self.hiwi_up).to(b.dtype)
 
