@@ -161,17 +161,15 @@ def inspect_target(target: str, by: str = "type", overrides: list[str] | None = 
         if report is not None:
             return report
         quiet_transformers()
-        method = build_method(recipe.method_options)
         try:
-            model = meta_model(recipe.model, label_names)
-            method.apply(model, task)
+            return _recipe_report(meta_model(recipe.model, label_names), build_method(recipe.method_options), task, by, str(path))
         except (NotImplementedError, RuntimeError):
-            # a method whose init needs real weights (PiSSA's SVD, ...): count on the loaded model
+            # a method whose init or report needs real weights (PiSSA's SVD, ...): count on the loaded model
             loaded = load_model(recipe.model, load_tokenizer(recipe.model), num_labels=recipe.model.num_labels,
                                 label_names=label_names, seed=recipe.train.seed)
             model, method = loaded.model, build_method(recipe.method_options)
             method.apply(model, task, also_save=loaded.new_modules)
-        return _report(model, by, "recipe", str(path), method, stored_bytes(method, model))
+            return _report(model, by, "recipe", str(path), method, stored_bytes(method, model))
     if (path / "adapter_config.json").is_file():
         return inspect_adapter(path, by, base)
     if (path / "config.json").is_file():

@@ -41,7 +41,15 @@ from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import PREFIX, AdapterModule, Method, MethodOptions, TargetSpec, init_normal_
+from peftcli.methods.base import (
+    PREFIX,
+    AdapterModule,
+    Method,
+    MethodOptions,
+    TargetSpec,
+    init_normal_,
+    values_device,
+)
 from peftcli.methods.lora import LoRA
 
 
@@ -101,9 +109,8 @@ class SVDLinear(AdapterModule):
         init_normal_(self.lora_B, 0.02)
         # PEFT's ranknum: fixed at init_r; a buffer, not stored (PEFT does not store it either)
         self.register_buffer("ranknum", torch.tensor([float(r)], **kw), persistent=False)
-        # the mask decides ranks and stored shapes: real even on a meta-device base (inspect counts on one)
-        mask_device = "cpu" if torch.device(kw["device"]).type == "meta" else kw["device"]
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=mask_device), persistent=False)
+        # the mask decides ranks and stored shapes
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=values_device(kw["device"])), persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r = r
         self.scaling = alpha

@@ -42,6 +42,12 @@ class MethodOptions(BaseModel):
     )
 
 
+def values_device(device):
+    """Where a method keeps the small tensors its report reads (AdaLoRA's rank mask, SAID's lambda): `device`, or
+    the CPU when the base is on the meta device (inspect's skeleton), so that they have values there too."""
+    return "cpu" if torch.device(device).type == "meta" else device
+
+
 def init_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     """nn.init.normal_, skipped on a meta tensor (inspect's skeleton of the base): there it has no values to
     fill and would import torch._dynamo, 1.3 s of an inspect that otherwise takes 2."""

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from peftcli.errors import UserError
 from peftcli.methods import register
-from peftcli.methods.base import Method, MethodOptions
+from peftcli.methods.base import Method, MethodOptions, values_device
 from peftcli.methods.targets import is_linear, layer_index, output_head_names
 
 _BLOCK = 64  # the lowest log2(64) butterfly stages run as one dense 64x64 GEMM (faster than 6 passes)
@@ -106,9 +106,7 @@ class _Projector(nn.Module):
         super().__init__()
         self.theta_d = nn.Parameter(torch.zeros(d_theta, device=device))
         if learn_lambda:
-            # one scalar per tensor, real even on a meta-device base (inspect reports its range)
-            real = "cpu" if torch.device(device).type == "meta" else device
-            self.register_parameter("lambda", nn.Parameter(torch.ones(len(shapes), device=real)))
+            self.register_parameter("lambda", nn.Parameter(torch.ones(len(shapes), device=values_device(device))))
         self.shapes = shapes
         self.numels = [math.prod(s) for s in shapes]
         self.lengths = [1 << max(0, math.ceil(math.log2(max(n, d_theta)))) for n in self.numels]
