@@ -826,7 +826,7 @@ def train_report(r: dict) -> list[str]:
                 f"({v['final_diff']:+.4f}), largest per-step difference {v['max_abs_step_diff']:.2e}"
                 for k, v in x["loss"].items()) + "."]
         other = {k: v for k, v in x["ratios"].items()
-                 if k not in ("peftcli/peft", "peftcli-bf16/peft-bf16", "peftcli-bf16base/peft-bf16", "peftcli-tf32/peft-tf32")}
+                 if k not in {f"{a}/{b}" for a, b in peer_of.items()}}  # the table's own "vs HF PEFT" columns
         if other:
             L += ["", f"Other ratios (non-pad tokens per wall second / per CPU-second, {'peak GPU memory' if cuda else 'peak RSS'}): "
                   + "; ".join(f"{k} {fmt(v['tokens_per_wall_s'], 2)}x / {fmt(v['tokens_per_cpu_s'], 2)}x, "
