@@ -162,6 +162,16 @@ def _learned_positions(model: nn.Module, module: nn.Module, emb: nn.Module) -> i
     return limit if found else None
 
 
+def _prepend(rows: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """The virtual tokens' embeddings (n, d) in front of every row of `embeds` (batch, length, d)."""
+    return torch.cat([rows.to(embeds.dtype)[None].expand(embeds.shape[0], -1, -1), embeds], dim=1)
+
+
+def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A 2D padding mask with n visible (virtual) positions in front."""
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name (GPT-2's head passes input_ids positionally)."""
     if not args:
@@ -328,25 +338,31 @@ class VirtualTokens(Method):
             self._hooks.append(dec.register_forward_hook(self._decoder_after))
         self._hooks.append(dec.register_forward_pre_hook(self._decoder_before, with_kwargs=True))
 
+    def _check_room(self, tokens: int, what: str = "tokens") -> None:
+        """Learned absolute positions end at max_position_embeddings, and the virtual tokens take n of them."""
+        if self._max_positions and self.n + tokens > self._max_positions:
+            raise UserError(f"{self.name}: {self.n} virtual tokens + {tokens} {what} exceed the model's "
+                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+
+    def _check_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is not None and mask.dim() != 2:
+            raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
+
     def _encoder_before(self, module: nn.Module, args: tuple, kwargs: dict):
         if not self.enabled:
             return None
         kw = _bind(module, args, kwargs)
         ids, embeds, n = kw.get("input_ids"), kw.get("inputs_embeds"), self.n
         batch, length = (ids if ids is not None else embeds).shape[:2]
-        if self._max_positions and n + length > self._max_positions:
-            raise UserError(f"{self.name}: {n} virtual tokens + {length} encoder tokens exceed the model's "
-                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+        self._check_room(length, "encoder tokens")
         if embeds is None:
             embeds = module.get_input_embeddings()(ids)
-        prompts = getattr(module, VIRTUAL)()[:n].to(embeds.dtype)  # HF PEFT: the encoder takes the first n rows
-        kw["inputs_embeds"] = torch.cat([prompts[None].expand(batch, -1, -1), embeds], dim=1)
-        kw["input_ids"] = None
+        # HF PEFT: the encoder takes the first n rows
+        kw["inputs_embeds"], kw["input_ids"] = _prepend(getattr(module, VIRTUAL)()[:n], embeds), None
         mask = kw.get("attention_mask")
+        self._check_mask(mask)
         if mask is not None:
-            if mask.dim() != 2:
-                raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kw["attention_mask"] = _ones_before(mask, n)
         return (), kw
 
     def _decoder_before(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -358,7 +374,7 @@ class VirtualTokens(Method):
             states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
             if states is None or mask is None or mask.dim() != 2 or mask.shape[-1] != states.shape[1] - n:
                 return None
-            kw["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+            kw["encoder_attention_mask"] = _ones_before(mask, n)
             return (), kw
         if module.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
             raise UserError(CHECKPOINTING)
@@ -378,12 +394,10 @@ class VirtualTokens(Method):
             for layer, (k, v) in enumerate(self.decoder_prefix(getattr(module, VIRTUAL)())):
                 own.update(k[None].expand(batch, -1, -1, -1).to(dtype), v[None].expand(batch, -1, -1, -1).to(dtype), layer)
         past = own.get_seq_length() - n  # real tokens before this call
-        if self._max_positions and n + past + length > self._max_positions:
-            raise UserError(f"{self.name}: {n} virtual tokens + {past + length} decoder tokens exceed the model's "
-                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+        self._check_room(past + length, "decoder tokens")
         mask = kw.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + length:
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kw["attention_mask"] = _ones_before(mask, n)
         return (), kw
 
     def _decoder_after(self, module: nn.Module, args: tuple, output):
@@ -434,14 +448,11 @@ class VirtualTokens(Method):
         cache = kw.get("cache", kw.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         mask, n = kw.get("attention_mask"), self.n
-        if mask is not None and mask.dim() != 2:
-            raise UserError(f"{self.name}: a {mask.dim()}D attention mask is not supported; pass the 2D padding mask")
+        self._check_mask(mask)
         pos = kw.get("position_ids")
         inject = self.kind == "input" and past == 0  # with a cache, the virtual tokens are in it after the first step
         real_past = past - n if self.kind == "input" and past else past
-        if self._max_positions and n + real_past + length > self._max_positions:
-            raise UserError(f"{self.name}: {n} virtual tokens + {real_past + length} tokens exceed the model's "
-                            f"{self._max_positions} positions; lower data.max_length or method.num_virtual_tokens")
+        self._check_room(real_past + length)
         if pos is None:
             pos = _real_positions(mask, batch, length, real_past, device)
         pos = pos + n
@@ -453,9 +464,7 @@ class VirtualTokens(Method):
         elif inject:
             if embeds is None:
                 embeds = module.get_input_embeddings()(ids)
-            prompts = source().to(embeds.dtype)
-            kw["inputs_embeds"] = torch.cat([prompts[None].expand(batch, -1, -1), embeds], dim=1)
-            kw["input_ids"] = None
+            kw["inputs_embeds"], kw["input_ids"] = _prepend(source(), embeds), None
             pos = torch.cat([torch.arange(n, device=device)[None].expand(batch, n), pos], dim=1)
             if kw.get("token_type_ids") is not None:
                 tt = kw["token_type_ids"]
@@ -463,7 +472,7 @@ class VirtualTokens(Method):
             self._strip = n
         if self.kind == "input":
             if mask is not None:
-                kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+                kw["attention_mask"] = _ones_before(mask, n)
             kw.pop("cache_position", None)  # the model derives it from the cache, which holds the virtual tokens
         kw["position_ids"] = pos
         return (), kw
